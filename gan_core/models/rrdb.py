@@ -1,0 +1,134 @@
+"""RRDBNet, the ESRGAN / Real-ESRGAN generator, with the residual scale as a parameter.
+
+Weight-compatible with BasicSR 1.4.2 (`basicsr/archs/rrdbnet_arch.py`): the same
+state_dict keys and shapes, the same forward, the same initialisation. The one
+change is `res_scale`, which BasicSR hardcodes to 0.2 in both residuals; here it
+is a constructor argument (default 0.2) so sweeps can tune it.
+"""
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+# Scales the trunk supports. Scale 2 and 1 fold pixels into channels first
+# (pixel_unshuffle by 2 or 4) and then run the same x4 upsampler as scale 4.
+_UNSHUFFLE_FACTOR = {4: 1, 2: 2, 1: 4}
+
+
+def _init_residual_convs(convs: list[nn.Conv2d], scale: float) -> None:
+    """BasicSR's default_init_weights: kaiming normal, scaled down, zero bias.
+
+    Small initial residual branches keep the 23-block trunk close to identity at
+    the start of training, which is why ESRGAN scales them by 0.1.
+    """
+    for conv in convs:
+        nn.init.kaiming_normal_(conv.weight)
+        with torch.no_grad():
+            conv.weight.mul_(scale)
+            if conv.bias is not None:
+                conv.bias.zero_()
+
+
+class ResidualDenseBlock(nn.Module):
+    """Five densely connected 3x3 convs with a scaled residual.
+
+    Args:
+        num_feat: Channels in and out of the block.
+        num_grow_ch: Channels each of the first four convs adds to the dense concat.
+        res_scale: Multiplier of the block's output before adding the input.
+    """
+
+    def __init__(self, num_feat: int = 64, num_grow_ch: int = 32, res_scale: float = 0.2):
+        super().__init__()
+        self.res_scale = res_scale
+        self.conv1 = nn.Conv2d(num_feat, num_grow_ch, 3, 1, 1)
+        self.conv2 = nn.Conv2d(num_feat + num_grow_ch, num_grow_ch, 3, 1, 1)
+        self.conv3 = nn.Conv2d(num_feat + 2 * num_grow_ch, num_grow_ch, 3, 1, 1)
+        self.conv4 = nn.Conv2d(num_feat + 3 * num_grow_ch, num_grow_ch, 3, 1, 1)
+        self.conv5 = nn.Conv2d(num_feat + 4 * num_grow_ch, num_feat, 3, 1, 1)
+        _init_residual_convs([self.conv1, self.conv2, self.conv3, self.conv4, self.conv5], 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In-place activations only ever touch fresh conv outputs, never `x`.
+        x1 = F.leaky_relu(self.conv1(x), 0.2, inplace=True)
+        x2 = F.leaky_relu(self.conv2(torch.cat((x, x1), 1)), 0.2, inplace=True)
+        x3 = F.leaky_relu(self.conv3(torch.cat((x, x1, x2), 1)), 0.2, inplace=True)
+        x4 = F.leaky_relu(self.conv4(torch.cat((x, x1, x2, x3), 1)), 0.2, inplace=True)
+        x5 = self.conv5(torch.cat((x, x1, x2, x3, x4), 1))
+        return x5 * self.res_scale + x
+
+
+class RRDB(nn.Module):
+    """Residual-in-residual dense block: three dense blocks and a scaled residual.
+
+    Args:
+        num_feat: Channels in and out of the block.
+        num_grow_ch: Growth channels of each dense block.
+        res_scale: Multiplier of both the dense blocks' residuals and this block's.
+    """
+
+    def __init__(self, num_feat: int, num_grow_ch: int = 32, res_scale: float = 0.2):
+        super().__init__()
+        self.res_scale = res_scale
+        self.rdb1 = ResidualDenseBlock(num_feat=num_feat, num_grow_ch=num_grow_ch, res_scale=res_scale)
+        self.rdb2 = ResidualDenseBlock(num_feat=num_feat, num_grow_ch=num_grow_ch, res_scale=res_scale)
+        self.rdb3 = ResidualDenseBlock(num_feat=num_feat, num_grow_ch=num_grow_ch, res_scale=res_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.rdb3(self.rdb2(self.rdb1(x)))
+        return out * self.res_scale + x
+
+
+class RRDBNet(nn.Module):
+    """ESRGAN generator: conv, a trunk of RRDBs, two nearest x2 upsamplings, convs.
+
+    The output is unclamped (the caller clamps for display or metrics). The input
+    of scale 2 must have H and W divisible by 2, of scale 1 divisible by 4.
+
+    Args:
+        num_in_ch: Image channels in.
+        num_out_ch: Image channels out.
+        scale: Upscaling factor, 1, 2 or 4.
+        num_feat: Trunk channels.
+        num_block: Number of RRDBs in the trunk.
+        num_grow_ch: Growth channels of the dense blocks.
+        res_scale: Residual scale of the dense blocks and the RRDBs (BasicSR: 0.2).
+
+    Raises:
+        ValueError: If `scale` is not 1, 2 or 4.
+    """
+
+    def __init__(
+        self,
+        num_in_ch: int = 3,
+        num_out_ch: int = 3,
+        scale: int = 4,
+        num_feat: int = 64,
+        num_block: int = 23,
+        num_grow_ch: int = 32,
+        res_scale: float = 0.2,
+    ):
+        super().__init__()
+        if scale not in _UNSHUFFLE_FACTOR:
+            raise ValueError(f"RRDBNet scale must be one of {sorted(_UNSHUFFLE_FACTOR)}, got {scale!r}")
+        self.scale = scale
+        self.res_scale = res_scale
+        self.unshuffle = _UNSHUFFLE_FACTOR[scale]
+        self.conv_first = nn.Conv2d(num_in_ch * self.unshuffle**2, num_feat, 3, 1, 1)
+        self.body = nn.Sequential(
+            *[RRDB(num_feat=num_feat, num_grow_ch=num_grow_ch, res_scale=res_scale) for _ in range(num_block)]
+        )
+        self.conv_body = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_up1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_up2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_last = nn.Conv2d(num_feat, num_out_ch, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, num_in_ch, H, W) -> (B, num_out_ch, H * scale, W * scale)
+        feat = F.pixel_unshuffle(x, self.unshuffle) if self.unshuffle > 1 else x
+        feat = self.conv_first(feat)  # (B, num_feat, H / u, W / u)
+        feat = feat + self.conv_body(self.body(feat))
+        feat = F.leaky_relu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2, inplace=True)
+        feat = F.leaky_relu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2, inplace=True)
+        return self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2, inplace=True))
