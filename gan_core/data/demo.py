@@ -1,0 +1,91 @@
+"""An offline demo data set: the colour photos that ship inside scikit-image.
+
+scikit-image installs a few images in its `data/` folder (`skimage.data.data_dir`);
+most of its gallery is fetched on demand with pooch and is absent offline, so
+only shipped files are used and nothing is ever downloaded. From those, the
+natural colour photos at least 300 px on their shorter side (enough for 128 px
+patches) are used; synthetic images (color, chessboard, phantom, logo, horse)
+and grayscale ones are not.
+
+Split, fixed by file name:
+- validation (DEMO_VAL): astronaut.png (512x512), chelsea.png (451x300),
+  coffee.png (600x400);
+- training (DEMO_TRAIN): hubble_deep_field.jpg, ihc.png, motorcycle_left.png,
+  motorcycle_right.png, retina.jpg, rocket.jpg. The two motorcycle views are a
+  stereo pair, so both stay on the same side of the split.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from gan_core.data.images import encode_png, load_image
+
+DEMO_VAL = ("astronaut.png", "chelsea.png", "coffee.png")
+DEMO_TRAIN = (
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "retina.jpg",
+    "rocket.jpg",
+)
+
+
+def skimage_data_dir() -> Path:
+    """scikit-image's installed data folder."""
+    import skimage.data  # imported here: scikit-image is only needed for the demo
+
+    return Path(skimage.data.data_dir)
+
+
+def demo_images() -> dict[str, list[Path]]:
+    """The demo photos present in this scikit-image installation.
+
+    Returns:
+        {"train": [...], "val": [...]}: existing files only, in DEMO_TRAIN /
+        DEMO_VAL order (a scikit-image release that lacks a file just has fewer).
+
+    Raises:
+        FileNotFoundError: no training or no validation photo is installed.
+    """
+    data_dir = skimage_data_dir()
+    split = {
+        "train": [data_dir / name for name in DEMO_TRAIN if (data_dir / name).is_file()],
+        "val": [data_dir / name for name in DEMO_VAL if (data_dir / name).is_file()],
+    }
+    for part, paths in split.items():
+        if not paths:
+            raise FileNotFoundError(f"no demo {part} photo found in scikit-image's data folder {data_dir}")
+    return split
+
+
+def prepare_demo_folders(out_dir: str | Path) -> tuple[Path, Path]:
+    """Write the demo photos as PNG into out_dir/train and out_dir/val.
+
+    Idempotent: files already present are kept, new ones are written atomically
+    (temporary name, then os.replace), so a second call costs almost nothing.
+
+    Args:
+        out_dir: destination folder, created if missing.
+
+    Returns:
+        (train_dir, val_dir).
+
+    Raises:
+        FileNotFoundError: see demo_images.
+    """
+    out_dir = Path(out_dir)
+    folders = {}
+    for part, paths in demo_images().items():
+        folder = out_dir / part
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            target = folder / f"{path.stem}.png"
+            if not target.is_file():
+                temporary = folder / f".{target.name}.{os.getpid()}.tmp"
+                temporary.write_bytes(encode_png(load_image(path)))
+                os.replace(temporary, target)
+        folders[part] = folder
+    return folders["train"], folders["val"]

@@ -1,0 +1,474 @@
+"""Tests of gan_core.data: decoding, shards, imresize, degradations, patch sampling, demo set."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+from gan_core.data import (
+    DEMO_VAL,
+    ImageDecodeError,
+    PatchSampler,
+    add_gaussian_noise,
+    add_poisson_noise,
+    bicubic_downscale,
+    bicubic_upscale,
+    decode_image,
+    degrade,
+    demo_images,
+    encode_png,
+    gaussian_blur,
+    imresize,
+    jpeg_compress,
+    load_image,
+    load_shard_images,
+    prepare_demo_folders,
+    random_patch_pair,
+    read_shards,
+    shard_files,
+    validation_pair,
+    write_shards,
+)
+
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+def _random_rgb(height, width, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _save(image: Image.Image, fmt="PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _png16(values: np.ndarray, color_type: int) -> bytes:
+    """A 16-bit PNG written by hand (Pillow cannot write 16-bit colour PNGs).
+
+    color_type: 0 gray, 2 RGB, 4 gray+alpha, 6 RGBA; values (H, W[, C]) uint16.
+    Rows use the "Sub" filter (difference to the pixel on the left), which only
+    decodes right if the decoder knows the true bytes per pixel.
+    """
+    height, width = values.shape[:2]
+    bytes_per_pixel = 2 * (values.shape[2] if values.ndim == 3 else 1)
+    rows = values.astype(">u2").reshape(height, -1).view(np.uint8).reshape(height, -1).astype(np.int64)
+    left = np.pad(rows, ((0, 0), (bytes_per_pixel, 0)))[:, :-bytes_per_pixel]
+    filtered = ((rows - left) % 256).astype(np.uint8)
+    raw = b"".join(b"\x01" + filtered[y].tobytes() for y in range(height))
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def _round257(values):
+    return np.round(values.astype(np.float64) / 257).astype(np.uint8)
+
+
+# 16-bit values where round(x / 257) differs from Pillow's high byte (x // 256).
+VALUES16 = np.array([[0, 1000, 65535], [40000, 128, 30583]], dtype=np.uint16)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def test_decode_gray_png_repeats_channel():
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    out = decode_image(_save(Image.fromarray(gray, mode="L")))
+    assert out.shape == (3, 4, 3) and out.dtype == np.uint8
+    for channel in range(3):
+        np.testing.assert_array_equal(out[:, :, channel], gray)
+
+
+def test_decode_rgba_drops_alpha_keeps_colour_under_transparency():
+    rgba = np.dstack([_random_rgb(5, 6), np.zeros((5, 6), np.uint8)])
+    out = decode_image(_save(Image.fromarray(rgba, mode="RGBA")))
+    np.testing.assert_array_equal(out, rgba[:, :, :3])
+
+
+def test_decode_16bit_gray_rounds_x_over_257():
+    data = _save(Image.fromarray(VALUES16))  # mode I;16
+    out = decode_image(data)
+    np.testing.assert_array_equal(out[:, :, 1], _round257(VALUES16))
+    assert out[0, 1, 0] == 4  # 1000 / 257 = 3.89; the high byte would give 3
+
+
+@pytest.mark.parametrize("color_type", [2, 6])
+def test_decode_16bit_colour_png_rounds_full_precision(color_type):
+    channels = 3 if color_type == 2 else 4
+    values = np.stack([np.roll(VALUES16, k, axis=1) for k in range(channels)], axis=2)
+    out = decode_image(_png16(values, color_type))
+    np.testing.assert_array_equal(out, _round257(values[:, :, :3]))
+
+
+def test_decode_16bit_gray_alpha_png():
+    values = np.stack([VALUES16, np.full_like(VALUES16, 65535)], axis=2)
+    out = decode_image(_png16(values, 4))
+    np.testing.assert_array_equal(out, np.repeat(_round257(VALUES16)[:, :, None], 3, axis=2))
+
+
+def test_decode_palette_png_with_transparency():
+    palette_image = Image.fromarray(np.array([[0, 1], [2, 1]], np.uint8), mode="P")
+    palette_image.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 759)
+    data = _save(palette_image, transparency=1)
+    out = decode_image(data)
+    np.testing.assert_array_equal(out[0, 0], [255, 0, 0])
+    np.testing.assert_array_equal(out[0, 1], [0, 255, 0])  # transparent entry keeps its colour
+    np.testing.assert_array_equal(out[1, 0], [0, 0, 255])
+
+
+def test_decode_jpeg_and_cmyk():
+    smooth = np.clip(np.add.outer(np.arange(32), np.arange(48))[:, :, None] * [3, 2, 1], 0, 255).astype(np.uint8)
+    out = decode_image(_save(Image.fromarray(smooth), "JPEG", quality=95))
+    assert out.shape == (32, 48, 3)
+    assert np.abs(out.astype(int) - smooth).mean() < 3
+    cmyk = decode_image(_save(Image.fromarray(smooth).convert("CMYK"), "JPEG", quality=95))
+    assert cmyk.shape == (32, 48, 3)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_file_raises_naming_it(tmp_path, fmt):
+    data = _save(Image.fromarray(_random_rgb(64, 64)), fmt)
+    path = tmp_path / f"cut.{fmt.lower()}"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageDecodeError, match="cut") as caught:
+        load_image(path)
+    assert caught.value.name == str(path)
+    assert isinstance(caught.value, ValueError)
+
+
+def test_random_bytes_raise_naming_the_file():
+    junk = np.random.default_rng(1).integers(0, 256, 500, dtype=np.uint8).tobytes()
+    with pytest.raises(ImageDecodeError, match="junk.png"):
+        decode_image(junk, name="junk.png")
+
+
+def test_truncation_flag_must_stay_off(monkeypatch):
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES"):
+        decode_image(_save(Image.fromarray(_random_rgb(4, 4))))
+
+
+def test_encode_png_round_trip_and_validation():
+    image = _random_rgb(7, 9)
+    np.testing.assert_array_equal(decode_image(encode_png(image)), image)
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(image.astype(np.float32))
+
+
+# ---------------------------------------------------------------- shards
+
+
+def _basicsr_tile_count(height, width, crop, step, thresh):
+    """BasicSR's extract_subimages.py arithmetic, written independently."""
+
+    def starts(length):
+        space = np.arange(0, length - crop + 1, step)
+        if length - (space[-1] + crop) > thresh:
+            space = np.append(space, length - crop)
+        return len(space)
+
+    return starts(height) * starts(width)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    src = tmp_path / "src"
+    (src / "nested").mkdir(parents=True)
+    Image.fromarray(_random_rgb(70, 100, seed=1)).save(src / "good.png")
+    Image.fromarray(_random_rgb(45, 50, seed=2)).save(src / "nested" / "photo.JPG", quality=90)
+    (src / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    Image.fromarray(_random_rgb(10, 10, seed=3)).save(src / "tiny.png")
+    (src / "deep16.png").write_bytes(_png16(np.full((40, 36, 3), 30583, np.uint16), 2))
+    (src / "notes.txt").write_text("not an image")
+    return src
+
+
+def test_write_shards_round_trip_with_skips(tmp_path, image_folder):
+    calls = []
+    out = tmp_path / "shards"
+    report = write_shards(image_folder, out, crop_size=32, step=16, thresh_size=0, min_size=16,
+                          rows_per_shard=7, progress=lambda done, total: calls.append((done, total)))
+    assert report.files_read == 5
+    assert calls[-1] == (5, 5) and len(calls) == 5
+    assert sorted(name for name, _ in report.skipped) == ["corrupt.png", "tiny.png"]
+    assert "min_size" in dict(report.skipped)["tiny.png"]
+    expected = sum(_basicsr_tile_count(h, w, 32, 16, 0) for h, w in [(70, 100), (45, 50), (40, 36)])
+    assert report.rows_written == expected
+    assert [p.name for p in report.shard_paths] == [f"part-{i:05d}.parquet" for i in range(-(-expected // 7))]
+    assert shard_files(out) == report.shard_paths
+    assert sorted(p.name for p in out.iterdir()) == [p.name for p in report.shard_paths]  # no temp files
+    assert "skipped 2" in report.summary() and "corrupt.png" in report.summary()
+
+    rows = list(read_shards(out, columns=["source", "tile", "height", "width"]))
+    assert len(rows) == expected == pq.read_table(out).num_rows  # a plain parquet folder
+    assert {row["source"] for row in rows} == {"good.png", "nested/photo.JPG", "deep16.png"}
+    assert all(row["height"] == row["width"] == 32 for row in rows)
+    images = dict(load_shard_images(out))
+    source = np.asarray(Image.open(image_folder / "good.png"))
+    np.testing.assert_array_equal(images["good.png@38_68"], source[38:70, 68:100])  # flush-with-end tiles
+    assert images["deep16.png@0_0"][0, 0, 0] == 119  # round(30583 / 257)
+
+
+def test_write_shards_whole_images_small_tiles_and_stale_shards(tmp_path, image_folder):
+    out = tmp_path / "shards"
+    write_shards(image_folder, out, crop_size=32, step=16, rows_per_shard=2)
+    assert len(shard_files(out)) > 2
+    report = write_shards(image_folder, out, rows_per_shard=100)
+    assert len(shard_files(out)) == 1  # the earlier run's extra shards are gone
+    rows = list(read_shards(out, columns=["source", "tile", "height", "width"]))
+    assert [(r["source"], r["tile"], r["height"], r["width"]) for r in rows] == [
+        ("deep16.png", "", 40, 36),
+        ("good.png", "", 70, 100),
+        ("nested/photo.JPG", "", 45, 50),
+        ("tiny.png", "", 10, 10),
+    ]
+    assert report.skipped == [("corrupt.png", report.skipped[0][1])]
+    # An image smaller than crop_size becomes one tile of itself.
+    write_shards(image_folder, out, crop_size=64, step=64)
+    tiny = [r for r in read_shards(out, columns=["source", "tile", "height", "width"]) if r["source"] == "tiny.png"]
+    assert tiny == [{"source": "tiny.png", "tile": "0_0", "height": 10, "width": 10}]
+
+
+# ---------------------------------------------------------------- imresize
+
+# Recorded with BasicSR 1.4.2's basicsr/utils/matlab_functions.py imresize on
+# _pattern(shape): (shape, scale, antialiasing, output shape, flattened output).
+IMRESIZE_GOLDEN = [
+    ((2, 9, 7), 0.25, True, (2, 3, 2), [0.4545028, 0.5191483, 0.5480595, 0.4604466, 0.5685065, 0.5047939, 0.4447625,
+                                        0.5273042, 0.4935914, 0.4921993, 0.5048672, 0.5071887]),
+    ((1, 9, 10), 1 / 3, True, (1, 3, 4), [0.3806371, 0.464891, 0.5715227, 0.6233746, 0.4919204, 0.4424006, 0.5611934,
+                                          0.6130453, 0.4369487, 0.4365356, 0.5508642, 0.602716]),
+    ((1, 3, 4), 2, True, (1, 6, 8), [
+        -0.07875, 0.02020263, 0.2181079, 0.463562, 0.7565649, 0.6740648, 0.216062, -0.01293944, 0.04754639, 0.161109,
+        0.3882342, 0.5441174, 0.6287585, 0.5457038, 0.294953, 0.1695776, 0.3001392, 0.4429218, 0.728487, 0.7052284,
+        0.3731458, 0.2889814, 0.452735, 0.5346118, 0.5830615, 0.6438556, 0.7654437, 0.6666692, 0.3475324, 0.2698407,
+        0.4335943, 0.5154712, 0.8963134, 0.7639105, 0.4991046, 0.4284406, 0.5519183, 0.4882819, 0.2375311, 0.1121558,
+        1.052939, 0.8239379, 0.3659351, 0.3093262, 0.6541113, 0.5975025, 0.1394995, -0.08950196]),
+    ((1, 2, 3), 4, True, (1, 8, 12), [
+        -0.05507813, -0.03195313, 0.01682617, 0.09993164, 0.2032715, 0.3095019, 0.4070606, 0.5132911, 0.6166309,
+        0.6997363, 0.7485156, 0.7716406, -0.04882812, -0.02570312, 0.02307617, 0.1061816, 0.2095215, 0.3157519,
+        0.4133105, 0.519541, 0.6228809, 0.7059864, 0.7547656, 0.7778907, -0.03496093, -0.01183594, 0.03694336,
+        0.1200488, 0.2233887, 0.3296191, 0.4271777, 0.5334082, 0.636748, 0.7198535, 0.7686328, 0.7917578,
+        -0.008789059, 0.01433594, 0.06311523, 0.1462207, 0.2495605, 0.355791, 0.4533496, 0.5595801, 0.6629199,
+        0.7460254, 0.7948046, 0.8179296, 0.02207031, 0.04519532, 0.09397461, 0.1770801, 0.2804199, 0.3866504,
+        0.484209, 0.5904395, 0.6937793, 0.7768847, 0.825664, 0.848789, 0.04824219, 0.07136719, 0.1201465, 0.2032519,
+        0.3065918, 0.4128223, 0.5103809, 0.6166113, 0.7199512, 0.8030566, 0.8518359, 0.8749609, 0.06210939,
+        0.08523439, 0.1340137, 0.2171191, 0.320459, 0.4266894, 0.524248, 0.6304785, 0.7338184, 0.8169237, 0.865703,
+        0.888828, 0.06835938, 0.09148438, 0.1402637, 0.2233691, 0.326709, 0.4329394, 0.530498, 0.6367285, 0.7400683,
+        0.8231738, 0.8719531, 0.8950781]),
+    ((1, 8, 6), 0.5, False, (1, 4, 3), [0.2454297, 0.5430078, 0.513125, 0.7644531, 0.3439844, 0.3890625, 0.5529297,
+                                        0.5980079, 0.568125, 0.464375, 0.4384375, 0.4440625]),
+]
+
+
+def _pattern(shape):
+    return ((torch.arange(int(np.prod(shape))) * 37) % 101).float().reshape(shape) / 100
+
+
+@pytest.mark.parametrize("shape, scale, antialiasing, out_shape, expected", IMRESIZE_GOLDEN)
+def test_imresize_matches_basicsr(shape, scale, antialiasing, out_shape, expected):
+    out = imresize(_pattern(shape), scale, antialiasing=antialiasing)
+    assert tuple(out.shape) == out_shape
+    np.testing.assert_allclose(out.flatten().numpy(), expected, atol=1e-5)
+
+
+def test_imresize_batch_equals_single_and_large_inputs():
+    batch = torch.rand(3, 3, 300, 260, generator=torch.Generator().manual_seed(0))  # > 256: the gather path
+    out = imresize(batch, 0.25)
+    assert out.shape == (3, 3, 75, 65)
+    for i in range(3):
+        torch.testing.assert_close(imresize(batch[i], 0.25), out[i], atol=1e-6, rtol=0)
+    # Gather path and dense path agree (the same image, cropped to <= 256 rows).
+    torch.testing.assert_close(imresize(batch[0, :, :256, :256], 0.25),
+                               imresize(batch[0, :, :256, :256].contiguous(), 0.25))
+    with pytest.raises(ValueError, match="float"):
+        imresize(torch.zeros(3, 8, 8, dtype=torch.uint8), 0.5)
+
+
+def test_bicubic_downscale_and_upscale_stay_in_range():
+    edge = torch.zeros(3, 32, 32)
+    edge[:, :, 16:] = 1.0  # bicubic rings around a step edge
+    small = bicubic_downscale(edge, 4)
+    assert small.shape == (3, 8, 8) and small.min() >= 0 and small.max() <= 1
+    assert imresize(edge, 0.25).min() < 0 and imresize(small, 4).max() > 1  # the clamps are needed
+    large = bicubic_upscale(small, 4)
+    assert large.shape == (3, 32, 32) and large.min() >= 0 and large.max() <= 1
+
+
+# ---------------------------------------------------------------- degradations
+
+DEGRADATION_CASES = {
+    "none": {},
+    "blur": {"blur_sigma": (0.5, 2.0)},
+    "noise": {"noise_sigma": (1.0, 25.0)},
+    "poisson": {"poisson_scale": (0.5, 2.0)},
+    "jpeg": {"jpeg_quality": (30, 90)},
+    "all": {"blur_sigma": (0.2, 3.0), "noise_sigma": (5, 5), "poisson_scale": (0.1, 1.0), "jpeg_quality": (50, 50)},
+}
+
+
+@pytest.mark.parametrize("case", DEGRADATION_CASES)
+def test_degrade_shapes_ranges_and_determinism(case):
+    gt = torch.rand(4, 3, 32, 24, generator=torch.Generator().manual_seed(0))
+    kwargs = DEGRADATION_CASES[case]
+    lq = degrade(gt, 4, generator=torch.Generator().manual_seed(5), **kwargs)
+    assert lq.shape == (4, 3, 8, 6) and lq.dtype == torch.float32
+    assert lq.min() >= 0 and lq.max() <= 1
+    again = degrade(gt, 4, generator=torch.Generator().manual_seed(5), **kwargs)
+    torch.testing.assert_close(lq, again, atol=0, rtol=0)
+    single = degrade(gt[0], 4, generator=torch.Generator().manual_seed(5), **kwargs)
+    assert single.shape == (3, 8, 6)
+    plain = bicubic_downscale(gt, 4)
+    assert torch.equal(lq, plain) == (case == "none")
+
+
+def test_degradation_primitives():
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 40, 40, generator=generator) * 0.5 + 0.25
+    blurred = gaussian_blur(image, 2.0)
+    assert blurred.shape == image.shape and blurred.std() < image.std() / 2
+    assert torch.equal(gaussian_blur(image, 0.0), image)
+    noisy = add_gaussian_noise(image, 10.0, generator)
+    assert abs((noisy - image).std().item() - 10 / 255) < 0.005
+    assert torch.equal(add_poisson_noise(image, 0.0, generator), image)
+    assert 0.0 < (add_poisson_noise(image, 1.0, generator) - image).abs().mean() < 0.1
+    jpeg = jpeg_compress(image, 20)
+    assert jpeg.shape == image.shape and 0 < (jpeg - image).abs().mean() < 0.2
+    assert jpeg_compress(image.unsqueeze(0).repeat(2, 1, 1, 1), 90).shape == (2, 3, 40, 40)
+    for out in (blurred, noisy, jpeg):
+        assert out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize("bad", [{"blur_sigma": (2.0, 1.0)}, {"noise_sigma": (-1, 1)}, {"jpeg_quality": (0, 50)},
+                                 {"poisson_scale": 3.0}])
+def test_degrade_rejects_bad_ranges(bad):
+    with pytest.raises(ValueError):
+        degrade(torch.rand(3, 8, 8), 2, **bad)
+
+
+# ---------------------------------------------------------------- patches
+
+
+def _hr(height, width, seed=0):
+    return torch.from_numpy(_random_rgb(height, width, seed)).permute(2, 0, 1).contiguous()
+
+
+def test_random_patch_pair_shapes_and_bicubic_lq():
+    generator = torch.Generator().manual_seed(0)
+    lq, gt = random_patch_pair(_hr(50, 60), patch_size=32, scale=4, color_jitter=0.2, generator=generator)
+    assert lq.shape == (3, 8, 8) and gt.shape == (3, 32, 32)
+    assert lq.dtype == gt.dtype == torch.float32 and 0 <= gt.min() and gt.max() <= 1
+    torch.testing.assert_close(lq, bicubic_downscale(gt, 4))
+    lq, _ = random_patch_pair(_hr(50, 60), patch_size=32, scale=4, generator=generator,
+                              degradation={"noise_sigma": (5, 10), "jpeg_quality": (40, 80)})
+    assert lq.shape == (3, 8, 8)
+    with pytest.raises(ValueError, match="multiple of scale"):
+        random_patch_pair(_hr(50, 60), patch_size=30, scale=4, generator=generator)
+    with pytest.raises(ValueError, match="valid"):
+        random_patch_pair(_hr(50, 60), patch_size=32, scale=4, degradation={"blur": (1, 2)}, generator=generator)
+
+
+def test_random_patch_is_a_crop_of_the_image():
+    hr = _hr(40, 44)
+    _, gt = random_patch_pair(hr, patch_size=16, scale=2, hflip=False, rot90=False,
+                              generator=torch.Generator().manual_seed(3))
+    patch = (gt * 255).round().to(torch.uint8)
+    found = [(y, x) for y in range(0, 25, 2) for x in range(0, 29, 2) if torch.equal(hr[:, y:y + 16, x:x + 16], patch)]
+    assert len(found) == 1  # and on the scale grid
+
+
+def _sampler(images, **overrides):
+    kwargs = {"patch_size": 16, "scale": 4, "batch_size": 3, "seed": 7}
+    kwargs.update(overrides)
+    return PatchSampler(images, **kwargs)
+
+
+def test_patch_sampler_shapes_determinism_and_skips():
+    images = [_random_rgb(40, 30, seed=s) for s in range(4)] + [_random_rgb(10, 60, seed=9)]
+    sampler = _sampler(images, names=[f"img{i}" for i in range(5)])
+    assert sampler.skipped == ["img4"] and len(sampler.names) == 4
+    lq, gt = next(sampler)
+    assert lq.shape == (3, 3, 4, 4) and gt.shape == (3, 3, 16, 16)
+    assert 0 <= lq.min() and lq.max() <= 1
+    twin = _sampler(images)
+    torch.testing.assert_close(next(twin)[1], gt, atol=0, rtol=0)
+    assert not torch.equal(next(_sampler(images, seed=8))[1], gt)
+    assert not torch.equal(next(_sampler(images, rank=1))[1], gt)
+    with pytest.raises(ValueError, match="none of the"):
+        _sampler([_random_rgb(8, 8)])
+
+
+def test_patch_sampler_epochs_visit_each_image_once():
+    colours = [np.full((20, 20, 3), 40 * i, np.uint8) for i in range(5)]
+    sampler = _sampler(colours, batch_size=5, color_jitter=0.0)
+    orders = []
+    for epoch in range(3):
+        assert sampler.epoch == epoch
+        _, gt = next(sampler)
+        orders.append([round(v) for v in (gt[:, 0, 0, 0] * 255 / 40).tolist()])
+    assert all(sorted(order) == [0, 1, 2, 3, 4] for order in orders)
+    assert len({tuple(order) for order in orders}) > 1  # a new permutation each epoch
+
+
+def test_patch_sampler_resume_gives_the_same_next_batch():
+    images = [(f"im{s}", _hr(24 + 4 * s, 28, seed=s)) for s in range(5)]
+    degradation = {"blur_sigma": (0.5, 1.5), "noise_sigma": (1, 10)}
+    sampler = _sampler(images, degradation=degradation, color_jitter=0.1)
+    for _ in range(3):  # 9 visits: crosses an epoch boundary
+        next(sampler)
+    state = sampler.state_dict()
+    assert (state["epoch"], state["position"]) == (1, 4)
+    expected = next(sampler)
+    resumed = _sampler(images, degradation=degradation, color_jitter=0.1)
+    resumed.load_state_dict(state)
+    for got, want in zip(next(resumed), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="images"):
+        _sampler(images[:3]).load_state_dict(state)
+
+
+def test_validation_pair_mod_crops_and_quantizes():
+    hr = _random_rgb(50, 63)
+    lq, gt = validation_pair(hr, 4)
+    assert gt.shape == (1, 3, 48, 60) and lq.shape == (1, 3, 12, 15)
+    torch.testing.assert_close(gt[0], torch.from_numpy(hr[:48, :60]).permute(2, 0, 1).float() / 255)
+    torch.testing.assert_close(lq * 255, (lq * 255).round(), atol=1e-4, rtol=0)
+    unrounded = imresize(gt, 0.25).clamp(0, 1)
+    assert (lq - unrounded).abs().max() <= 0.5 / 255 + 1e-6
+    assert bicubic_upscale(lq, 4).shape == gt.shape
+
+
+# ---------------------------------------------------------------- demo set
+
+
+def test_demo_split_is_disjoint_and_real():
+    split = demo_images()
+    train, val = set(split["train"]), set(split["val"])
+    assert train and val and not train & val
+    assert {path.name for path in val} <= set(DEMO_VAL)
+    for path in train | val:
+        image = load_image(path)
+        assert image.ndim == 3 and min(image.shape[:2]) >= 128
+
+
+def test_prepare_demo_folders_is_idempotent(tmp_path):
+    train_dir, val_dir = prepare_demo_folders(tmp_path)
+    written = sorted(train_dir.glob("*.png")) + sorted(val_dir.glob("*.png"))
+    assert len(written) == sum(len(v) for v in demo_images().values())
+    stamps = [p.stat().st_mtime_ns for p in written]
+    assert prepare_demo_folders(tmp_path) == (train_dir, val_dir)
+    assert [p.stat().st_mtime_ns for p in written] == stamps
