@@ -36,6 +36,8 @@ class GeneratorConfig(_Section):
     num_block: int = Field(23, ge=1)
     num_grow_ch: int = Field(32, ge=1)
     res_scale: float = Field(0.2, gt=0.0, le=1.0)
+    # Add an interpolation of the input to the output (residual learning); "none" is ESRGAN / BasicSR-exact.
+    upsample_skip: Literal["none", "nearest", "bilinear", "bicubic"] = "none"
 
 
 class DiscriminatorConfig(_Section):

@@ -171,6 +171,15 @@ def d_step(
     return {k: v.detach() for k, v in losses.items()}
 
 
+def ema_decay_at(step: int, decay: float) -> float:
+    """The EMA decay for update number `step` (0-based), warmed up as min(decay, (1 + t) / (10 + t)).
+
+    Without the warm-up the average would be dominated by the random initial weights for thousands
+    of steps, which makes short runs (and early validations) meaningless.
+    """
+    return min(decay, (1 + step) / (10 + step))
+
+
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema = decay * ema + (1 - decay) * model, in one foreach call; buffers are copied."""
@@ -219,7 +228,7 @@ def train_step(state: TrainState, batches: Iterator[Batch], cfg: Config) -> dict
         )
         losses.update(g_losses)
         if state.generator_ema is not None:
-            ema_update(state.generator_ema, state.generator, cfg.train.ema_decay)
+            ema_update(state.generator_ema, state.generator, ema_decay_at(state.step, cfg.train.ema_decay))
     if gan:
         losses.update(d_step(state.discriminator, state.d_optimizer, gt, fake, cfg))
         for _ in range(cfg.train.d_steps_per_g - 1):

@@ -15,6 +15,9 @@ from torch.nn import functional as F
 _UNSHUFFLE_FACTOR = {4: 1, 2: 2, 1: 4}
 
 
+UPSAMPLE_SKIPS = ("none", "nearest", "bilinear", "bicubic")
+
+
 def _init_residual_convs(convs: list[nn.Conv2d], scale: float) -> None:
     """BasicSR's default_init_weights: kaiming normal, scaled down, zero bias.
 
@@ -93,9 +96,13 @@ class RRDBNet(nn.Module):
         num_block: Number of RRDBs in the trunk.
         num_grow_ch: Growth channels of the dense blocks.
         res_scale: Residual scale of the dense blocks and the RRDBs (BasicSR: 0.2).
+        upsample_skip: "none" (ESRGAN, BasicSR-exact), or "nearest" / "bilinear" / "bicubic": add that
+            upsampling of the input to the output, so the network learns only the residual detail (as
+            Real-ESRGAN's SRVGGNetCompact does). `conv_last` then starts at zero, so the untrained model
+            already equals the interpolation; short CPU runs converge much faster. Keys are unchanged.
 
     Raises:
-        ValueError: If `scale` is not 1, 2 or 4.
+        ValueError: If `scale` is not 1, 2 or 4, or `upsample_skip` is unknown.
     """
 
     def __init__(
@@ -107,10 +114,16 @@ class RRDBNet(nn.Module):
         num_block: int = 23,
         num_grow_ch: int = 32,
         res_scale: float = 0.2,
+        upsample_skip: str = "none",
     ):
         super().__init__()
         if scale not in _UNSHUFFLE_FACTOR:
             raise ValueError(f"RRDBNet scale must be one of {sorted(_UNSHUFFLE_FACTOR)}, got {scale!r}")
+        if upsample_skip not in UPSAMPLE_SKIPS:
+            raise ValueError(f"upsample_skip must be one of {UPSAMPLE_SKIPS}, got {upsample_skip!r}")
+        if upsample_skip != "none" and num_in_ch != num_out_ch:
+            raise ValueError("upsample_skip needs num_in_ch == num_out_ch")
+        self.upsample_skip = upsample_skip
         self.scale = scale
         self.res_scale = res_scale
         self.unshuffle = _UNSHUFFLE_FACTOR[scale]
@@ -123,6 +136,9 @@ class RRDBNet(nn.Module):
         self.conv_up2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
         self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
         self.conv_last = nn.Conv2d(num_feat, num_out_ch, 3, 1, 1)
+        if upsample_skip != "none":
+            nn.init.zeros_(self.conv_last.weight)
+            nn.init.zeros_(self.conv_last.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, num_in_ch, H, W) -> (B, num_out_ch, H * scale, W * scale)
@@ -131,4 +147,9 @@ class RRDBNet(nn.Module):
         feat = feat + self.conv_body(self.body(feat))
         feat = F.leaky_relu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2, inplace=True)
         feat = F.leaky_relu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2, inplace=True)
-        return self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2, inplace=True))
+        out = self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2, inplace=True))
+        if self.upsample_skip == "none":
+            return out
+        base = F.interpolate(x, scale_factor=self.scale, mode=self.upsample_skip,
+                             align_corners=False if self.upsample_skip != "nearest" else None)
+        return out + base

@@ -410,3 +410,23 @@ def test_models_compile_without_graph_breaks(make, size):
     model.eval()  # eval: spectral norm does not advance its power iteration, so both calls see the same weights
     with torch.no_grad():
         assert torch.allclose(compiled(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear", "bicubic"])
+def test_upsample_skip_starts_at_the_interpolation_and_keeps_keys(mode):
+    from gan_core.models import rrdb_tiny
+    from gan_core.models.rrdb import RRDBNet
+
+    plain = rrdb_tiny()
+    skip = RRDBNet(num_feat=16, num_block=1, num_grow_ch=8, upsample_skip=mode)
+    assert plain.state_dict().keys() == skip.state_dict().keys()
+    x = torch.rand(1, 3, 8, 8)
+    expected = torch.nn.functional.interpolate(x, scale_factor=4, mode=mode)
+    torch.testing.assert_close(skip(x), expected)
+
+
+def test_upsample_skip_rejects_unknown_mode():
+    from gan_core.models.rrdb import RRDBNet
+
+    with pytest.raises(ValueError, match="upsample_skip must be one of"):
+        RRDBNet(upsample_skip="lanczos")

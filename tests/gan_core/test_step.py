@@ -85,3 +85,11 @@ GOLDEN = [
     [0.44556, 0.07138, 0.33625, 0.33625],
     [0.49229, 0.0801, 0.29841, 0.29841],
 ]
+
+
+def test_ema_warms_up_then_holds_decay():
+    from gan_core.step import ema_decay_at
+
+    assert ema_decay_at(0, 0.999) == pytest.approx(0.1)
+    assert ema_decay_at(90, 0.999) == pytest.approx(91 / 100)
+    assert ema_decay_at(100000, 0.999) == 0.999
