@@ -1,0 +1,90 @@
+"""Training throughput: a plain single-process loop against Ray Train DDP, in one run.
+
+    python -m bench.train_throughput [--steps 60] [--recipe jobs/configs/demo.yaml] [key=value ...]
+
+Same recipe, same global batch (the plain loop uses num_workers x data.batch_size and all cores;
+each DDP worker one core). Steady-state img/s excludes start-up, which is reported apart.
+Ratios, not absolute numbers, are what compare across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from gan_core.build import build_state
+from gan_core.config import load_config
+from gan_core.data import PatchSampler, load_shard_images
+from gan_core.step import train_step
+
+
+def plain_loop(recipe: str, overrides: list[str], steps: int, global_batch: int, threads: int) -> float:
+    """img/s of `train_step` in this process, after 5 warm-up steps."""
+    torch.set_num_threads(threads)
+    cfg = load_config(recipe, overrides + [f"data.batch_size={global_batch}"])
+    images = [img for _, img in load_shard_images(cfg.data.train)]
+    sampler = PatchSampler(images, patch_size=cfg.data.patch_size, scale=cfg.generator.scale,
+                           batch_size=global_batch, seed=0)
+    state = build_state(cfg, torch.device("cpu"))
+    batches = iter(sampler)
+    for _ in range(5):
+        train_step(state, batches, cfg)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(state, batches, cfg)
+    return steps * global_batch / (time.perf_counter() - start)
+
+
+def ray_train(recipe: str, overrides: list[str], steps: int, workers: int) -> tuple[float, float]:
+    """(steady img/s, wall seconds) of jobs.train with `workers` DDP workers."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        start = time.perf_counter()
+        train.main(["--config", recipe, "--num-workers", str(workers), "--name", f"bench-{workers}w",
+                    "--tracking-uri", uri, *overrides, f"run.storage_path={tmp}/results",
+                    "train.threads_per_worker=1", "train.log_every=10", f"train.val_every={steps + 5}",
+                    f"train.ckpt_every={steps + 5}"])
+        wall = time.perf_counter() - start
+        client = MlflowClient(uri)
+        run = client.search_runs([client.get_experiment_by_name(load_config(recipe).run.experiment).experiment_id])[0]
+        windows = [m.value for m in client.get_metric_history(run.info.run_id, "perf/img_per_s")]
+    return statistics.median(windows[1:] or windows), wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", default="jobs/configs/demo.yaml")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    cfg = load_config(args.recipe, args.overrides)
+    steps = args.steps
+    # Pixel-only steps: the phase a demo spends most of its time in.
+    overrides = args.overrides + [f"train.total_steps={steps + 5}", f"train.pretrain_steps={steps + 5}"]
+    global_batch = cfg.data.batch_size * args.workers
+    cores = os.cpu_count() or 1
+    plain = plain_loop(args.recipe, overrides, steps, global_batch, threads=cores)
+    ray_ips, ray_wall = ray_train(args.recipe, overrides, steps + 5, args.workers)
+    print()
+    print(f"recipe {args.recipe}, {steps} pixel steps, global batch {global_batch}, {cores} cores, "
+          f"torch {torch.__version__}")
+    print(f"| setup | img/s | vs plain |")
+    print(f"|---|---|---|")
+    print(f"| plain loop, 1 process x {cores} threads | {plain:.1f} | 1.00 |")
+    print(f"| Ray Train DDP, {args.workers} workers x 1 thread | {ray_ips:.1f} | {ray_ips / plain:.2f} |")
+    print(f"Ray run wall time {ray_wall:.0f} s for {steps + 5} steps (start-up, data, validation included)")
+
+
+if __name__ == "__main__":
+    main()

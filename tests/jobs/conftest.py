@@ -1,0 +1,102 @@
+"""Real components for the job tests: a local Ray cluster, an `mlflow server` on 127.0.0.1, demo data."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float = 90.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not come up in {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` subprocess with a SQLite store; yields its http URI."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{uri}/health")
+        yield uri
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray cluster for the session (4 logical CPUs: 2 trainers, data, headroom)."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """The real demo photos as shards (train) and a folder (val)."""
+    from gan_core.data import prepare_demo_folders, write_shards
+
+    root = tmp_path_factory.mktemp("demo")
+    train_dir, val_dir = prepare_demo_folders(root)
+    write_shards(train_dir, root / "train_shards", crop_size=192, step=96)
+    return root
+
+
+def tiny_overrides(demo_data: Path, storage: Path, steps: int = 6, **extra: str) -> list[str]:
+    """Overrides that shrink the demo recipe to seconds: a 1-block G, 32 px patches, 2 validation crops."""
+    values = {
+        "data.train": str(demo_data / "train_shards"),
+        "data.val": str(demo_data / "val"),
+        "data.patch_size": "32",
+        "data.batch_size": "2",
+        "data.val_crop": "64",
+        "data.max_val_images": "2",
+        "generator.num_feat": "8",
+        "generator.num_block": "1",
+        "generator.num_grow_ch": "8",
+        "discriminator.num_feat": "8",
+        "train.total_steps": str(steps),
+        "train.pretrain_steps": "2",
+        "train.log_every": "1",
+        "train.val_every": "2",
+        "train.ckpt_every": "2",
+        "run.storage_path": str(storage),
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]

@@ -1,0 +1,163 @@
+"""jobs.train on a real local Ray cluster with 2 workers, tracked by a real mlflow server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from jobs import train
+from jobs.tracking import RUN_NAME_TAG
+from tests.jobs.conftest import REPO, tiny_overrides
+
+DEMO = str(REPO / "jobs" / "configs" / "demo.yaml")
+pytestmark = pytest.mark.slow
+
+
+def _run(name, mlflow_server, demo_data, storage, steps, **extra):
+    return train.main(["--config", DEMO, "--num-workers", "2", "--name", name, "--tracking-uri", mlflow_server,
+                       *tiny_overrides(demo_data, storage, steps, **extra)])
+
+
+def _runs_named(client, name):
+    experiment = client.get_experiment_by_name("gan-enhance-demo")
+    return client.search_runs([experiment.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'")
+
+
+def test_two_workers_train_and_track_everything(ray_local, mlflow_server, demo_data, tmp_path):
+    metrics = _run("basic", mlflow_server, demo_data, tmp_path, steps=6)
+    assert metrics["step"] == 6
+    client = MlflowClient(mlflow_server)
+    (run,) = _runs_named(client, "basic")
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert run.data.params["generator.num_feat"] == "8" and run.data.params["num_workers"] == "2"
+    assert {"git_commit", "ray_job_id", "checkpoint_location", "model_uri"} <= set(run.data.tags)
+    assert [m.step for m in client.get_metric_history(run_id, "g/pix")] == [1, 2, 3, 4, 5, 6]
+    assert [m.step for m in client.get_metric_history(run_id, "val/psnr_y")] == [2, 4, 6]
+    assert [m.step for m in client.get_metric_history(run_id, "d/real")] == [3, 4, 5, 6]  # GAN phase only
+    assert client.get_metric_history(run_id, "perf/img_per_s")[-1].value > 0
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert "config.yaml" in artifacts
+    samples = [a.path for a in client.list_artifacts(run_id, "samples")]
+    assert samples == ["samples/step_0000002.png", "samples/step_0000004.png", "samples/step_0000006.png"]
+    checkpoint = Path(run.data.tags["checkpoint_location"])
+    assert (checkpoint / "checkpoint.pt").is_file()
+    assert (checkpoint / "sampler_rank0.pt").is_file() and (checkpoint / "sampler_rank1.pt").is_file()
+    mlflow.set_tracking_uri(mlflow_server)
+    model = mlflow.pyfunc.load_model(run.data.tags["model_uri"])
+    out = model.predict(np.zeros((12, 10, 3), np.uint8))
+    assert out.shape == (48, 40, 3) and out.dtype == np.uint8
+
+
+def test_rerun_same_name_resumes_step_and_mlflow_run(ray_local, mlflow_server, demo_data, tmp_path):
+    _run("resume", mlflow_server, demo_data, tmp_path, steps=4)
+    metrics = _run("resume", mlflow_server, demo_data, tmp_path, steps=8)
+    assert metrics["step"] == 8
+    client = MlflowClient(mlflow_server)
+    runs = _runs_named(client, "resume")
+    assert len(runs) == 1, "a rerun must log into the same MLflow run"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "g/pix")]
+    assert steps == list(range(1, 9)), "the step counter continues; nothing is trained twice"
+    assert runs[0].data.tags["resume.override.train.total_steps"] == "4 -> 8"
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="ignore")
+        except OSError:
+            continue
+        if "RayTrainWorker" in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_local, mlflow_server, demo_data, tmp_path):
+    killed: list[int] = []
+
+    def kill_one_worker_after_first_checkpoint():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if list(tmp_path.glob("fault/checkpoint_*/checkpoint.pt")):
+                pids = _train_worker_pids()
+                if pids:
+                    os.kill(pids[-1], signal.SIGKILL)
+                    killed.append(pids[-1])
+                    return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_one_worker_after_first_checkpoint, daemon=True)
+    watcher.start()
+    metrics = _run("fault", mlflow_server, demo_data, tmp_path, steps=40,
+                   **{"train.ckpt_every": "4", "train.val_every": "4", "train.log_every": "4"})
+    watcher.join(timeout=5)
+    assert killed, "the test never found a training worker to kill"
+    assert metrics["step"] == 40
+    client = MlflowClient(mlflow_server)
+    (run,) = _runs_named(client, "fault")
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/psnr_y")]
+    assert steps[-1] == 40 and steps[0] == 4
+
+
+def test_unreachable_tracking_server_fails_at_once(demo_data, tmp_path, capsys):
+    from tests.jobs.conftest import free_port
+
+    start = time.time()
+    with pytest.raises(SystemExit) as exit_info:
+        from jobs.common import run_main
+
+        run_main(lambda: train.main(["--config", DEMO, "--tracking-uri", f"http://127.0.0.1:{free_port()}",
+                                     *tiny_overrides(demo_data, tmp_path, 2)]))
+    assert exit_info.value.code == 2
+    assert time.time() - start < 30
+    err = capsys.readouterr().err
+    assert "MLflow tracking server http://127.0.0.1:" in err and "unreachable" in err
+
+
+def test_tracking_server_lost_mid_run_training_continues(ray_local, demo_data, tmp_path, capfd):
+    import subprocess
+    import sys
+
+    from tests.jobs.conftest import free_port, wait_for_http
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path}/m.db", "--artifacts-destination", str(tmp_path / "art")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{uri}/health")
+
+    def stop_server_after_first_checkpoint():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if list(tmp_path.glob("lost/checkpoint_*/checkpoint.pt")):
+                server.kill()
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=stop_server_after_first_checkpoint, daemon=True)
+    watcher.start()
+    try:
+        metrics = _run("lost", uri, demo_data, tmp_path, steps=16,
+                       **{"train.ckpt_every": "4", "train.val_every": "4", "train.log_every": "2"})
+    finally:
+        server.kill()
+    assert metrics["step"] == 16
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert "logging call(s) lost so far, training continues" in text
+    assert "could not log the final model to MLflow" in text
