@@ -1,0 +1,192 @@
+"""`--model` for every job: a checkpoint dir, a .pth, or an MLflow URI, resolved to a local generator file.
+
+Accepted forms:
+    path/to/checkpoint_dir            a folder holding checkpoint.pt (a training checkpoint)
+    path/to/checkpoint.pt | x.pth     our checkpoint, a slim export, or BasicSR / Real-ESRGAN weights
+    runs:/<run_id>                    the run's logged model (tag `model_uri`), else its checkpoint
+                                      (tag `checkpoint_location`)
+    runs:/<run_id>/generator          a model logged in that run under that name
+    models:/<name>@<alias>            a registered model by alias (e.g. models:/esrgan-x4@champion)
+    models:/<name>/<version>          a registered model version
+    models:/m-<id>                    a logged model (what training writes in the `model_uri` tag)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from gan_core.models.loading import CHECKPOINT_FILENAME
+from jobs.common import JobError
+
+MLFLOW_SCHEMES = ("runs:/", "models:/")
+MODEL_HELP = "checkpoint dir | .pt/.pth | runs:/<id>[/<name>] | models:/<name>@<alias> | models:/<name>/<N>"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where a generator came from.
+
+    Attributes:
+        spec: what the user passed.
+        path: a local file that `gan_core.models.load_generator` reads.
+        run_id: the MLflow run it belongs to, when known.
+        model_uri: the MLflow model URI, when it is a logged model.
+    """
+
+    spec: str
+    path: Path
+    run_id: str | None = None
+    model_uri: str | None = None
+
+
+def is_mlflow_uri(spec: str) -> bool:
+    """True for runs:/ and models:/ URIs."""
+    return spec.startswith(MLFLOW_SCHEMES)
+
+
+def resolve_model(spec: str, download_dir: str | Path) -> ModelSource:
+    """Turn a `--model` value into a local generator file, downloading from MLflow when needed.
+
+    Args:
+        spec: see the module docstring.
+        download_dir: where MLflow artifacts are downloaded (the caller owns and cleans it).
+
+    Returns:
+        The ModelSource; its `path` is a file.
+
+    Raises:
+        JobError: nothing at the path, an unknown URI, a run without a model, a missing alias.
+    """
+    if spec.startswith("runs:/"):
+        return _from_run_uri(spec, Path(download_dir))
+    if spec.startswith("models:/"):
+        path = _download_pyfunc_generator(spec, Path(download_dir))
+        return ModelSource(spec=spec, path=path, run_id=_model_run_id(spec), model_uri=spec)
+    if "://" in spec or spec.startswith(("runs:", "models:")):
+        raise JobError(f"--model {spec!r}: unknown URI; use a path, runs:/<run_id>[/<name>], "
+                       "models:/<name>@<alias> or models:/<name>/<version>")
+    return ModelSource(spec=spec, path=local_checkpoint_file(Path(spec)))
+
+
+def local_checkpoint_file(path: Path) -> Path:
+    """The generator file for a local path: the file itself, `<dir>/checkpoint.pt`, or the newest
+    `checkpoint_*/checkpoint.pt` under a Ray Train run folder.
+
+    Raises:
+        JobError: no such file or folder, or a folder without a checkpoint.
+    """
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise JobError(f"--model {path}: no such file or folder (expected a checkpoint dir, .pt/.pth or MLflow URI)")
+    if (path / CHECKPOINT_FILENAME).is_file():
+        return path / CHECKPOINT_FILENAME
+    # A Ray Train storage folder: checkpoint_000003/checkpoint.pt, ... (the name sorts by index).
+    nested = sorted(path.rglob(f"checkpoint_*/{CHECKPOINT_FILENAME}"), key=lambda p: (p.parent.name, str(p)))
+    if nested:
+        return nested[-1]
+    raise JobError(f"--model {path}: the folder holds no {CHECKPOINT_FILENAME}")
+
+
+def slim_generator_file(path: Path, out_dir: Path) -> Path:
+    """A training checkpoint reduced to its generator weights (EMA when present), else `path` unchanged.
+
+    Training checkpoints also hold the discriminator, optimizer states and RNG: several times the
+    weights' size, which matters when the file is shipped to every Ray actor.
+    """
+    from gan_core.checkpoint import export_generator, read_checkpoint
+
+    try:
+        payload = read_checkpoint(path)
+    except Exception:  # noqa: BLE001 -- a BasicSR .pth (or garbage, which load_generator then explains)
+        return path
+    if "g_optimizer" not in payload:
+        return path
+    return export_generator(path, out_dir / "generator-slim.pt")
+
+
+def _from_run_uri(spec: str, download_dir: Path) -> ModelSource:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    run_id, _, name = spec[len("runs:/") :].partition("/")
+    if not run_id:
+        raise JobError(f"--model {spec!r}: no run id (expected runs:/<run_id>[/<model name>])")
+    if name:
+        path = _download_pyfunc_generator(spec, download_dir)
+        return ModelSource(spec=spec, path=path, run_id=run_id, model_uri=spec)
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException as err:
+        raise JobError(f"--model {spec!r}: no such run ({err.message})") from err
+    return run_generator(run, download_dir, spec)
+
+
+def run_generator(run, download_dir: Path, spec: str | None = None) -> ModelSource:
+    """The generator of a training run: its logged model (tag `model_uri`), else its checkpoint
+    folder (tag `checkpoint_location`).
+
+    Raises:
+        JobError: the run has neither, or the checkpoint is gone.
+    """
+    run_id = run.info.run_id
+    spec = spec or f"runs:/{run_id}"
+    tags = run.data.tags
+    if tags.get("model_uri"):
+        uri = tags["model_uri"]
+        return ModelSource(spec=spec, path=_download_pyfunc_generator(uri, download_dir / run_id), run_id=run_id,
+                           model_uri=uri)
+    if tags.get("checkpoint_location"):
+        location = tags["checkpoint_location"]
+        try:
+            return ModelSource(spec=spec, path=local_checkpoint_file(Path(location)), run_id=run_id)
+        except JobError as err:
+            raise JobError(f"run {run_id}: checkpoint_location {location} is not readable here ({err})") from err
+    raise JobError(f"run {run_id} has neither a `model_uri` nor a `checkpoint_location` tag: it logged no generator")
+
+
+def _download_pyfunc_generator(uri: str, download_dir: Path) -> Path:
+    """Download a pyfunc model logged by `jobs.pyfunc_model` and return its generator artifact."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    download_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(download_dir)))
+    except MlflowException as err:
+        raise JobError(f"--model {uri}: cannot be downloaded from MLflow ({err.message})") from err
+    except OSError as err:
+        raise JobError(f"--model {uri}: cannot be downloaded from MLflow ({err})") from err
+    mlmodel = local / "MLmodel"
+    if not mlmodel.is_file():
+        raise JobError(f"--model {uri}: not an MLflow model (no MLmodel file in {local})")
+    flavor = (yaml.safe_load(mlmodel.read_text()).get("flavors") or {}).get("python_function") or {}
+    artifact = (flavor.get("artifacts") or {}).get("generator")
+    if not artifact:
+        raise JobError(f"--model {uri}: the model has no `generator` artifact; was it logged by jobs.pyfunc_model?")
+    path = local / artifact["path"]
+    if not path.is_file():
+        raise JobError(f"--model {uri}: artifact {artifact['path']} is missing from the downloaded model")
+    return path
+
+
+def _model_run_id(uri: str) -> str | None:
+    """The source run of a registered version (models:/name@alias or models:/name/N), when there is one."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    body = uri[len("models:/") :]
+    client = MlflowClient()
+    try:
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            return client.get_model_version_by_alias(name, alias).run_id or None
+        name, _, version = body.partition("/")
+        if version.isdigit():
+            return client.get_model_version(name, version).run_id or None
+    except MlflowException:
+        return None
+    return None
