@@ -93,3 +93,17 @@ def test_ema_warms_up_then_holds_decay():
     assert ema_decay_at(0, 0.999) == pytest.approx(0.1)
     assert ema_decay_at(90, 0.999) == pytest.approx(91 / 100)
     assert ema_decay_at(100000, 0.999) == 0.999
+
+
+@pytest.mark.slow
+def test_gan_steps_run_with_compiled_generator_and_discriminator():
+    # D's requires_grad is never toggled, which is what lets torch.compile trace both networks.
+    cfg = tiny_config(loss={"adversarial": "relativistic", "adversarial_weight": 0.1})
+    torch.manual_seed(0)
+    state = build_state(cfg, torch.device("cpu"))
+    state.generator = torch.compile(state.generator, backend="aot_eager")
+    state.discriminator = torch.compile(state.discriminator, backend="aot_eager")
+    data = batches(cfg)
+    history = [train_step(state, data, cfg) for _ in range(3)]
+    assert all(math.isfinite(float(v)) for h in history for v in h.values())
+    assert history[-1]["d/real"] != history[0]["d/real"]
