@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +14,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+
+# `mlflow server` starts a job runner with ~8 worker processes by default; the tests use no server-side jobs,
+# and on 2 cores those processes slow every test that starts a server.
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 
 def free_port() -> int:
@@ -33,27 +38,41 @@ def wait_for_http(url: str, timeout: float = 90.0) -> None:
     raise TimeoutError(f"{url} did not come up in {timeout} s")
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` subprocess with a SQLite store; yields its http URI."""
-    root = tmp_path_factory.mktemp("mlflow")
+def start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
+    """Start `mlflow server` (SQLite store under root) in its own process group; return it and its URI."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
          "--workers", "1"],
         stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+        start_new_session=True,  # the server forks uvicorn: stopping it means stopping the whole group
     )
     uri = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{uri}/health")
+    return process, uri
+
+
+def stop_process_group(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Signal a process started with start_new_session=True and all its children; wait for it."""
     try:
-        wait_for_http(f"{uri}/health")
+        os.killpg(process.pid, sig)
+        process.wait(timeout=20)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` subprocess with a SQLite store; yields its http URI."""
+    process, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
+    try:
         yield uri
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process_group(process)
 
 
 @pytest.fixture(scope="session")
