@@ -14,7 +14,6 @@ import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -79,8 +78,8 @@ def main() -> None:
     print()
     print(f"recipe {args.recipe}, {steps} pixel steps, global batch {global_batch}, {cores} cores, "
           f"torch {torch.__version__}")
-    print(f"| setup | img/s | vs plain |")
-    print(f"|---|---|---|")
+    print("| setup | img/s | vs plain |")
+    print("|---|---|---|")
     print(f"| plain loop, 1 process x {cores} threads | {plain:.1f} | 1.00 |")
     print(f"| Ray Train DDP, {args.workers} workers x 1 thread | {ray_ips:.1f} | {ray_ips / plain:.2f} |")
     print(f"Ray run wall time {ray_wall:.0f} s for {steps + 5} steps (start-up, data, validation included)")

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from gan_core.config import Config, config_from_dict, config_to_yaml, flatten, load_config
 from jobs.common import (

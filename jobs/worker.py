@@ -24,11 +24,11 @@ from gan_core.checkpoint import load_checkpoint, save_checkpoint
 from gan_core.config import Config
 from gan_core.data import ImageDecodeError, PatchSampler, decode_image, load_image, load_shard_images
 from gan_core.data.images import IMAGE_EXTENSIONS
-from gan_core.losses import LPIPS
-from gan_core.weights import MissingWeightsError
 from gan_core.evaluation import center_crop, evaluate_images, mean_metrics, sample_grid
+from gan_core.losses import LPIPS
 from gan_core.schedules import set_base_lr
 from gan_core.step import phase, train_step, unwrap
+from gan_core.weights import MissingWeightsError
 
 Report = Callable[[dict[str, float], "Path | None"], None]
 
@@ -174,20 +174,23 @@ class TrainingWorker:
         """Train to `train.total_steps`, reporting at each validation (with a checkpoint when due)."""
         cfg, state = self.cfg, self.state
         total, batches = cfg.train.total_steps, self.batches()
-        window: dict[str, float] = {}
+        # Sums and counts per key: D losses exist only in GAN steps, which may start mid-window.
+        window: dict[str, list[float]] = {}
         window_steps, window_start, run_start, first_step = 0, time.perf_counter(), time.perf_counter(), state.step
         img_per_s = 0.0
         while state.step < total:
             losses = train_step(state, batches, cfg)
             _check_finite(losses, state.step)
             for key, value in losses.items():
-                window[key] = window.get(key, 0.0) + float(value)
+                entry = window.setdefault(key, [0.0, 0])
+                entry[0] += float(value)
+                entry[1] += 1
             window_steps += 1
             step = state.step
             if step % cfg.train.log_every == 0 or step == total:
                 elapsed = time.perf_counter() - window_start
                 img_per_s = window_steps * cfg.data.batch_size * self.world_size / max(elapsed, 1e-9)
-                means = {k: v / window_steps for k, v in window.items()}
+                means = self._mean_over_workers(window)
                 self._progress(step, means, img_per_s, run_start, first_step)
                 if self.logger is not None:
                     self.logger.metrics(means | {"perf/img_per_s": img_per_s}, step)
@@ -207,6 +210,16 @@ class TrainingWorker:
         if self.logger is not None and self.logger.failures:
             print(f"!! {self.logger.failures} MLflow logging call(s) failed during this run; see the messages above",
                   file=sys.stderr, flush=True)
+
+    def _mean_over_workers(self, window: dict[str, list[float]]) -> dict[str, float]:
+        """Window means over every worker's steps (each worker trains on its own shard, so rank 0's
+        losses alone describe only its half of the data). One small all-reduce per log line."""
+        keys = sorted(window)
+        if dist.is_available() and dist.is_initialized():
+            stats = torch.tensor([window[k] for k in keys], dtype=torch.float64, device=self.device)  # (K, 2)
+            dist.all_reduce(stats)
+            window = dict(zip(keys, stats.tolist()))
+        return {k: total / count for k, (total, count) in window.items()}
 
     def _progress(self, step: int, means: dict[str, float], img_per_s: float, run_start: float, first_step: int) -> None:
         if self.rank != 0:
