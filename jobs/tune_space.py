@@ -1,0 +1,374 @@
+"""The search-space file of `jobs.tune`: schema, loading, validation against the training Config.
+
+A space file names a base recipe, the metric, the scheduler, the search algorithm and the
+distributions of any dotted config key. Everything is checked here, before Ray starts:
+
+    space = load_space("tune_spaces/demo_asha.yaml")
+    base = resolve_base_config(space, ["train.total_steps=100"])   # recipe + overrides, validated
+    check_samples(space, base)                                     # every distribution bound fits the schema
+
+Distributions (each a one-key mapping):
+    {choice: [a, b, ...]}     one of the values, sampled uniformly
+    {uniform: [lo, hi]}       float in [lo, hi]
+    {loguniform: [lo, hi]}    float, log-uniform in [lo, hi], 0 < lo < hi
+    {randint: [lo, hi]}       integer in [lo, hi], both ends included
+    {grid: [a, b, ...]}       every value, once per sample (Tune's grid_search)
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gan_core.config import Config, ConfigError, apply_overrides, config_from_dict, known_keys
+
+# What the training workers report at each validation (jobs.worker: `val/` + gan_core.evaluation's keys).
+REPORTED_METRICS = (
+    "val/psnr", "val/ssim", "val/psnr_y", "val/ssim_y", "val/bicubic_psnr_y", "val/bicubic_ssim_y",
+    "val/gain_psnr_y", "val/lpips",
+)
+TIME_ATTR = "step"  # schedulers count G steps (reported with every validation), not Tune iterations
+DISTRIBUTION_KINDS = ("choice", "uniform", "loguniform", "randint", "grid")
+
+
+def _known_key(key: str) -> str:
+    if key not in known_keys():
+        close = difflib.get_close_matches(key, sorted(known_keys()), n=1)
+        hint = f"did you mean {close[0]}?" if close else "see gan_core/config.py for the schema"
+        raise ValueError(f"not a config key ({hint})")
+    return key
+
+
+ConfigKey = Annotated[str, AfterValidator(_known_key)]  # a dotted key of gan_core.config.Config
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Distribution(_Strict):
+    """Exactly one of the keys below; see the module docstring."""
+
+    choice: list[Any] | None = Field(None, min_length=1)
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+    grid: list[Any] | None = Field(None, min_length=1)
+
+    @field_validator("choice", "grid")
+    @classmethod
+    def _numbers_as_numbers(cls, values: list[Any] | None) -> list[Any] | None:
+        # YAML 1.1 reads `2e-4` (no dot) as a string; in a list of options it would stay one.
+        return None if values is None else [_as_number(v) for v in values]
+
+    @model_validator(mode="after")
+    def _one_kind_with_sane_bounds(self) -> Distribution:
+        given = [name for name in DISTRIBUTION_KINDS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(DISTRIBUTION_KINDS)} (got {given or 'none'})")
+        kind = given[0]
+        if kind in ("uniform", "randint"):
+            lo, hi = getattr(self, kind)
+            if not lo < hi:
+                raise ValueError(f"{kind} needs lo < hi, got [{lo}, {hi}]")
+        if kind == "loguniform" and not 0 < self.loguniform[0] < self.loguniform[1]:
+            raise ValueError(f"loguniform needs 0 < lo < hi, got [{self.loguniform[0]}, {self.loguniform[1]}]")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in DISTRIBUTION_KINDS if getattr(self, name) is not None)
+
+    def bounds(self) -> list[Any]:
+        """The values a sample can take at the edges: every option of a choice/grid, else lo and hi."""
+        value = getattr(self, self.kind)
+        return list(value)
+
+    def to_tune(self):
+        """The Ray Tune domain (randint's upper end is made inclusive)."""
+        from ray import tune
+
+        lo_hi = getattr(self, self.kind)
+        return {
+            "choice": lambda: tune.choice(self.choice),
+            "uniform": lambda: tune.uniform(*lo_hi),
+            "loguniform": lambda: tune.loguniform(*lo_hi),
+            "randint": lambda: tune.randint(lo_hi[0], lo_hi[1] + 1),
+            "grid": lambda: tune.grid_search(self.grid),
+        }[self.kind]()
+
+    def to_mutation(self):
+        """What PBT resamples from: a list for choices (PBT then moves to a neighbouring value), else the domain."""
+        return list(self.choice) if self.kind == "choice" else self.to_tune()
+
+
+class FifoScheduler(_Strict):
+    """Run every trial to the end."""
+
+    name: Literal["fifo"]
+
+
+class AshaScheduler(_Strict):
+    """Asynchronous successive halving: stop trials below the top 1/reduction_factor at each rung (in steps)."""
+
+    name: Literal["asha"]
+    grace_period: int = Field(ge=1)  # steps before a trial can be stopped
+    reduction_factor: float = Field(2.0, gt=1.0)
+    max_t: int | None = Field(None, ge=1)  # default: train.total_steps of the base recipe
+    brackets: int = Field(1, ge=1)
+
+
+class PbtScheduler(_Strict):
+    """Population based training: every perturbation_interval steps, the bottom quantile clones a top trial's
+    checkpoint and continues with mutated hyperparameters."""
+
+    name: Literal["pbt"]
+    perturbation_interval: int = Field(ge=1)  # steps; a multiple of train.ckpt_every
+    burn_in_period: int = Field(0, ge=0)
+    quantile_fraction: float = Field(0.25, gt=0.0, le=0.5)
+    resample_probability: float = Field(0.25, ge=0.0, le=1.0)
+    perturbation_factors: tuple[float, float] = (1.2, 0.8)
+    synch: bool = False  # wait for the whole population at each perturbation (each round restarts every trial)
+    hyperparam_mutations: dict[ConfigKey, Distribution] = Field(min_length=1)
+
+    @field_validator("hyperparam_mutations")
+    @classmethod
+    def _resampleable(cls, value: dict[str, Distribution]) -> dict[str, Distribution]:
+        grids = [key for key, dist in value.items() if dist.kind == "grid"]
+        if grids:
+            raise ValueError(f"grid cannot be mutated ({', '.join(grids)}): use choice, uniform, loguniform or randint")
+        return value
+
+    def mutation_bounds(self) -> dict[str, tuple[float, float]]:
+        """[lo, hi] of each numeric mutation: perturbed values (x0.8, x1.2) are clipped back into it."""
+        return {key: tuple(getattr(dist, dist.kind)) for key, dist in self.hyperparam_mutations.items()
+                if dist.kind in ("uniform", "loguniform", "randint")}
+
+
+Scheduler = Annotated[FifoScheduler | AshaScheduler | PbtScheduler, Field(discriminator="name")]
+
+
+class SpaceFile(_Strict):
+    """A whole sweep."""
+
+    base: str  # training recipe; relative paths are tried from the working directory, then the repository root
+    metric: str = "val/psnr_y"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(8, ge=1)
+    search_alg: Literal["random", "optuna"] = "random"
+    seed: int | None = None  # sampling seed (random and optuna)
+    scheduler: Scheduler = Field(default_factory=lambda: FifoScheduler(name="fifo"))
+    param_space: dict[ConfigKey, Distribution] = Field(default_factory=dict)
+    overrides: dict[ConfigKey, Any] = Field(default_factory=dict)  # dotted key -> value, applied to the base recipe
+
+    @field_validator("metric")
+    @classmethod
+    def _reported(cls, value: str) -> str:
+        if value not in REPORTED_METRICS and not value.startswith("val/lpips"):
+            raise ValueError(f"{value!r} is not reported by the training workers; "
+                             f"use one of {', '.join(REPORTED_METRICS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SpaceFile:
+        pbt = isinstance(self.scheduler, PbtScheduler)
+        if not self.param_space and not pbt:
+            raise ValueError("param_space is empty: name at least one config key to search")
+        grids = [key for key, dist in self.param_space.items() if dist.kind == "grid"]
+        if self.search_alg == "optuna" and grids:
+            raise ValueError(f"search_alg optuna cannot sample grid ({', '.join(grids)}): "
+                             "use choice, or search_alg random")
+        if pbt and self.search_alg != "random":
+            raise ValueError("scheduler pbt samples its own population: use search_alg random")
+        both = sorted(set(self.param_space) & set(self.overrides))
+        if both:
+            raise ValueError(f"{', '.join(both)} both searched (param_space) and fixed (overrides): keep one")
+        return self
+
+    def searched_keys(self) -> list[str]:
+        """Every key a trial's config may vary: the sampled ones, then those only PBT mutates."""
+        keys = list(self.param_space)
+        if isinstance(self.scheduler, PbtScheduler):
+            keys += [key for key in self.scheduler.hyperparam_mutations if key not in keys]
+        return keys
+
+    def distributions(self) -> dict[str, Distribution]:
+        """Each searched key's distribution (PBT's mutation range when the key is not sampled)."""
+        found = dict(self.param_space)
+        if isinstance(self.scheduler, PbtScheduler):
+            for key, dist in self.scheduler.hyperparam_mutations.items():
+                found.setdefault(key, dist)
+        return found
+
+
+def _as_number(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+# -- loading -----------------------------------------------------------------
+
+
+def load_space(path: str | Path) -> SpaceFile:
+    """Read and validate a space file.
+
+    Args:
+        path: YAML file in the format above.
+
+    Returns:
+        The validated SpaceFile.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or a key, value or distribution is wrong; the message
+            names the path of every problem (e.g. `param_space.optim.g_lr: loguniform needs 0 < lo < hi`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"space file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__}")
+    try:
+        space = SpaceFile.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{path} is invalid:\n" + "\n".join(_describe(e) for e in err.errors())) from None
+    space.base = str(_find_base(space.base, path))
+    return space
+
+
+def _find_base(base: str, space_path: Path) -> Path:
+    candidates = [Path(base)] if Path(base).is_absolute() else [
+        Path.cwd() / base, space_path.resolve().parent / base, space_path.resolve().parent.parent / base,
+    ]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(f"{space_path}: base recipe {base!r} not found (tried {', '.join(str(c) for c in candidates)})")
+
+
+def _describe(error: dict[str, Any]) -> str:
+    # Union members add their tag to the location (`scheduler.asha.grace_period`), dict keys a `[key]` marker.
+    loc = [str(part) for part in error["loc"] if part != "[key]"]
+    path = ".".join(loc) or "<top level>"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"  {path}: {message}"
+
+
+def resolve_base_config(space: SpaceFile, cli_overrides: list[str] | None = None) -> Config:
+    """The base recipe with the space's overrides, then the command line's `key=value`, applied and validated.
+
+    Raises:
+        ConfigError: the recipe is unreadable, or an override names an unknown key or makes the config invalid.
+    """
+    data = yaml.safe_load(Path(space.base).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{space.base}: expected a mapping of sections, got {type(data).__name__}")
+    for key, value in space.overrides.items():
+        set_dotted(data, key, value)
+    data = apply_overrides(data, list(cli_overrides or []))
+    return config_from_dict(data, source=f"{space.base} with the space's and the command line's overrides")
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """`set_dotted(d, "optim.g_lr", 2e-4)` sets d["optim"]["g_lr"]; sections are created when missing."""
+    *sections, leaf = key.split(".")
+    node = data
+    for section in sections:
+        node = node.setdefault(section, {})
+    node[leaf] = value
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], source: str = "trial config") -> Config:
+    """The config of one trial: the base recipe (as a dict) with each sampled dotted key set.
+
+    Raises:
+        ConfigError: the combination does not fit the schema.
+    """
+    import copy
+
+    data = copy.deepcopy(base)
+    for key, value in params.items():
+        set_dotted(data, key, value)
+    return config_from_dict(data, source=source)
+
+
+def check_samples(space: SpaceFile, base: Config) -> int:
+    """Validate configs built from the edges of every distribution, before any trial starts.
+
+    Each key takes each of its bound values (every option of a choice) with the others at their first
+    bound; then every key at its last bound. Scheduler settings that depend on the recipe are checked too.
+
+    Returns:
+        How many configs were validated.
+
+    Raises:
+        ConfigError: naming the key and value that break the schema, or the scheduler setting at fault.
+    """
+    base_dict = base.model_dump(mode="json")
+    dists = space.distributions()
+    low = {key: dist.bounds()[0] for key, dist in dists.items()}
+    high = {key: dist.bounds()[-1] for key, dist in dists.items()}
+    checked = 0
+    for key, dist in dists.items():
+        for value in dist.bounds():
+            try:
+                cfg = trial_config(base_dict, low | {key: value}, source="param_space")
+            except ConfigError as err:
+                raise ConfigError(
+                    f"param_space: {key}={value!r} (a bound of its {dist.kind}) makes an invalid config: {err}"
+                ) from None
+            _check_scheduler(space, cfg, f"with {key}={value!r}")
+            checked += 1
+    try:
+        trial_config(base_dict, high, source="param_space")
+    except ConfigError as err:
+        raise ConfigError(f"every key at its upper bound ({high}) makes an invalid config: {err}") from None
+    return checked + 1
+
+
+def _check_scheduler(space: SpaceFile, cfg: Config, where: str) -> None:
+    scheduler, train = space.scheduler, cfg.train
+    if isinstance(scheduler, AshaScheduler):
+        max_t = scheduler.max_t or train.total_steps
+        if scheduler.grace_period >= max_t:
+            raise ConfigError(
+                f"scheduler.grace_period ({scheduler.grace_period}) must be below max_t ({max_t}) {where}"
+            )
+    if isinstance(scheduler, PbtScheduler):
+        # An exploit clones the donor's checkpoint from its perturbation step: that report must carry one.
+        for name in ("perturbation_interval", "burn_in_period"):
+            value = getattr(scheduler, name)
+            if value % train.ckpt_every:
+                raise ConfigError(
+                    f"scheduler.{name} ({value}) must be a multiple of train.ckpt_every ({train.ckpt_every}) {where}"
+                )
+        if scheduler.perturbation_interval >= train.total_steps:
+            raise ConfigError(f"scheduler.perturbation_interval ({scheduler.perturbation_interval}) must be below "
+                              f"train.total_steps ({train.total_steps}) {where}: no trial would ever be perturbed")
+
+
+def clip_to_bounds(config: dict[str, Any], bounds: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """PBT's custom explore step: keep every perturbed value inside its mutation range (so inside the schema)."""
+    for key, (lo, hi) in bounds.items():
+        value = config.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            config[key] = type(value)(min(max(value, lo), hi))
+    return config
+
+
+def build_param_space(space: SpaceFile) -> dict[str, Any]:
+    """Tune's param_space: dotted keys mapped to Tune domains."""
+    return {key: dist.to_tune() for key, dist in space.param_space.items()}

@@ -1,0 +1,186 @@
+"""jobs.tune on a real local Ray cluster (4 logical CPUs) with a real mlflow server and the tiny demo model."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from gan_core.checkpoint import read_checkpoint
+from gan_core.config import ConfigError
+from jobs import tune
+from tests.jobs.conftest import REPO, tiny_overrides
+
+DEMO = REPO / "jobs" / "configs" / "demo.yaml"
+# Constant LR, no EMA: validation then tells the learning rates apart after 2 steps. The tiny generator starts
+# near bicubic (PSNR-Y ~27.4 dB on the demo crops) and keeps it with 1e-7; 5e-2 wrecks it (~19 dB, then ~10 dB).
+GOOD_LR, BAD_LR = 1e-7, 5e-2
+SHARP = {"schedule.lr_schedule": "constant", "schedule.warmup_steps": "0", "train.ema_decay": "0"}
+
+
+def write_space(tmp_path: Path, name: str, body: str) -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"base: {DEMO}\nmetric: val/psnr_y\nmode: max\nnum_samples: 1\n{body}")
+    return str(path)
+
+
+def child_runs(client: MlflowClient, parent_run_id: str) -> dict[str, object]:
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    return {run.data.tags["gan.trial_id"]: run for run in runs}
+
+
+def wait_for_free_cpus(ray, expected: float, timeout: float = 30.0) -> float:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        free = ray.available_resources().get("CPU", 0.0)
+        if free >= expected:
+            return free
+        time.sleep(0.5)
+    return ray.available_resources().get("CPU", 0.0)
+
+
+@pytest.mark.slow
+def test_asha_sweep_stops_poor_trials_and_nests_trial_runs(ray_local, mlflow_server, demo_data, tmp_path):
+    space = write_space(tmp_path, "asha", """
+scheduler: {name: asha, grace_period: 2, reduction_factor: 2}
+param_space:
+  optim.g_lr: {grid: [1.0e-7, 1.0e-7, 5.0e-2, 5.0e-2]}
+""")
+    # Test-only packing (0.5 CPU per worker and per trial driver, 1 CPU kept for Ray Data): two trials at once
+    # on the 4 logical CPUs. The two good trials come first, so a bad one always meets a good one at the rung.
+    argv = ["--space", space, "--workers-per-trial", "2", "--cpus-per-worker", "0.5", "--trial-cpus", "0.5",
+            "--name", "asha", "--tracking-uri", mlflow_server,
+            *tiny_overrides(demo_data, tmp_path / "runs", steps=4, **SHARP)]
+    summary = tune.main(argv)
+
+    rows = {row["trial"]: row for row in summary["trials"]}
+    assert len(rows) == 4
+    statuses = sorted(row["status"] for row in rows.values())
+    assert statuses.count("stopped early") >= 1 and "finished" in statuses and "error" not in statuses, statuses
+    for row in rows.values():  # ASHA stopped the 5e-2 trials at the step-2 rung, where 1e-7 leads by ~8 dB
+        assert (row["status"], row["step"]) == (("finished", 4) if row["params"]["optim.g_lr"] == GOOD_LR else
+                                                ("stopped early", 2)), row
+    best = summary["best"]
+    assert best["params"] == {"optim.g_lr": GOOD_LR} and best["status"] == "finished" and best["step"] == 4
+    assert (Path(best["checkpoint"]) / "checkpoint.pt").is_file()
+    # Stopped trials aborted their Train runs: no worker keeps a CPU once the sweep is over.
+    assert wait_for_free_cpus(ray_local, 4.0) == 4.0
+
+    client = MlflowClient(mlflow_server)
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert {"asha.yaml", "base_config.yaml", "trials.csv", "trials.txt", "best_config.yaml", "best_params.json",
+            "metric_vs_params.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert parent.data.metrics["best/val/psnr_y"] == pytest.approx(best["metric_best"])
+    assert parent.data.tags["best_run_id"] == best["run_id"]
+    assert parent.data.metrics["tune/stopped_early"] == statuses.count("stopped early")
+    children = child_runs(client, parent.info.run_id)
+    assert set(children) == set(rows)
+    for trial_id, row in rows.items():
+        child = children[trial_id]
+        assert child.info.status == ("FINISHED" if row["status"] == "finished" else "KILLED")
+        assert child.data.tags["tune.stopped_early"] == str(row["status"] == "stopped early").lower()
+        assert float(child.data.params["optim.g_lr"]) == row["params"]["optim.g_lr"]
+        # The child is the trial's training run itself: rank 0 logged every step there.
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "g/pix")]
+        assert steps[: row["step"]] == list(range(1, row["step"] + 1))
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val/psnr_y")][:1] == [2]
+
+    # The same command again resumes the sweep: it is complete, so nothing trains and the same runs are used.
+    again = tune.main(argv)
+    assert again["parent_run_id"] == summary["parent_run_id"]
+    assert {row["trial"]: row["status"] for row in again["trials"]} == {t: r["status"] for t, r in rows.items()}
+    assert len(child_runs(client, parent.info.run_id)) == 4
+
+
+@pytest.mark.slow
+def test_pbt_exploit_restarts_from_donor_step_with_mutated_lr(ray_local, mlflow_server, demo_data, tmp_path):
+    # Two trials share the 4 CPUs (0.5 CPU per worker and per trial driver, 1 CPU left for Ray Data);
+    # synch PBT perturbs once, at step 4, when both are there: the 5e-2 trial must clone the 1e-7 one.
+    space = write_space(tmp_path, "pbt", """
+scheduler:
+  name: pbt
+  perturbation_interval: 4
+  quantile_fraction: 0.5
+  resample_probability: 0.0
+  synch: true
+  hyperparam_mutations:
+    optim.g_lr: {loguniform: [1.0e-8, 1.0e-1]}
+param_space:
+  optim.g_lr: {grid: [1.0e-7, 5.0e-2]}
+""")
+    summary = tune.main(["--space", space, "--workers-per-trial", "2", "--cpus-per-worker", "0.5", "--trial-cpus",
+                         "0.5", "--name", "pbt", "--tracking-uri", mlflow_server,
+                         *tiny_overrides(demo_data, tmp_path / "runs", steps=6, **SHARP)])
+
+    rows = {row["trial"]: row for row in summary["trials"]}
+    exploits = [record for row in rows.values() for record in row["exploits"]]
+    assert len(exploits) == 1, exploits
+    (record,) = exploits
+    donor, exploited = rows[record["donor"]], rows[record["trial"]]
+    assert donor["params"]["optim.g_lr"] == GOOD_LR and record["old"] == {"optim.g_lr": BAD_LR}
+    new_lr = record["new"]["optim.g_lr"]
+    assert new_lr == pytest.approx(GOOD_LR * 0.8) or new_lr == pytest.approx(GOOD_LR * 1.2)  # perturbed donor value
+    assert record["step"] == 4
+    assert exploited["params"]["optim.g_lr"] == new_lr and exploited["status"] == "finished" and exploited["step"] == 6
+
+    # After the restart the exploited trial continued from the donor's step 4 (steps 5, 6 only) with the new LR.
+    client = MlflowClient(mlflow_server)
+    run_id = exploited["run_id"]
+    (marker,) = client.get_metric_history(run_id, "tune/exploits")
+    assert marker.step == 4
+    after = [m for m in client.get_metric_history(run_id, "g/pix") if m.timestamp >= marker.timestamp]
+    assert sorted(m.step for m in after) == [5, 6]
+    lr_after = [m for m in client.get_metric_history(run_id, "lr/g") if m.timestamp >= marker.timestamp]
+    assert [m.step for m in sorted(lr_after, key=lambda m: m.step)] == [5, 6]
+    assert all(m.value == pytest.approx(new_lr) for m in lr_after)
+    lr_before = [m.value for m in client.get_metric_history(run_id, "lr/g") if m.step <= 4]
+    assert lr_before and all(v == pytest.approx(BAD_LR) for v in lr_before)
+    # The optimizer in the trial's final checkpoint holds the new LR; the checkpoint names the trial's own run.
+    payload = read_checkpoint(exploited["checkpoint"])
+    assert payload["step"] == 6 and payload["config"]["optim"]["g_lr"] == pytest.approx(new_lr)
+    assert payload["g_optimizer"]["param_groups"][0]["lr"] == pytest.approx(new_lr)
+    assert payload["extra"]["mlflow_run_id"] == run_id
+    tags = client.get_run(run_id).data.tags
+    assert "tune.exploit.1" in tags and record["donor"] in tags["tune.exploit.1"]
+    exploit_files = [a.path for a in client.list_artifacts(summary["parent_run_id"], "exploits")]
+    assert exploit_files == [f"exploits/{record['trial']}_step0000004.json"]
+
+
+BAD_SPACES = {
+    "unknown key": ("param_space:\n  optim.glr: {loguniform: [1.0e-4, 1.0e-3]}\n",
+                    ["param_space.optim.glr", "not a config key", "did you mean optim.g_lr"]),
+    "loguniform bound": ("param_space:\n  optim.g_lr: {loguniform: [0, 1.0e-3]}\n",
+                         ["param_space.optim.g_lr", "loguniform needs 0 < lo < hi"]),
+    "reversed uniform": ("param_space:\n  generator.res_scale: {uniform: [0.5, 0.1]}\n",
+                         ["param_space.generator.res_scale", "uniform needs lo < hi"]),
+    "bound outside the schema": ("param_space:\n  generator.res_scale: {uniform: [0.1, 1.5]}\n",
+                                 ["generator.res_scale=1.5", "less than or equal to 1"]),
+    "bad choice value": ("param_space:\n  schedule.lr_schedule: {choice: [cosine, cosinus]}\n",
+                         ["schedule.lr_schedule='cosinus'"]),
+    "unknown scheduler setting": (
+        ("scheduler: {name: asha, grace_period: 2, grace: 3}\n"
+         "param_space:\n  optim.g_lr: {choice: [1.0e-4]}\n"),
+        ["scheduler.asha.grace", "unknown key"]),
+    "pbt interval off checkpoints": (
+        ("scheduler:\n  name: pbt\n  perturbation_interval: 3\n  hyperparam_mutations:\n"
+         "    optim.g_lr: {loguniform: [1.0e-5, 1.0e-3]}\n"),
+        ["perturbation_interval (3) must be a multiple of train.ckpt_every (2)"]),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(BAD_SPACES))
+def test_bad_space_fails_before_any_trial_starts(problem, tmp_path):
+    body, expected = BAD_SPACES[problem]
+    space = write_space(tmp_path, "bad", body)
+    storage = tmp_path / "runs"
+    with pytest.raises(ConfigError) as raised:
+        tune.main(["--space", space, "--name", "bad", "--tracking-uri", "http://127.0.0.1:9",  # nothing listens
+                   *tiny_overrides(tmp_path / "no-data", storage, steps=4)])
+    for text in expected:
+        assert text in str(raised.value), str(raised.value)
+    assert not storage.exists(), "no trial may start"
