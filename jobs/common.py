@@ -75,7 +75,8 @@ def init_ray(num_cpus_hint: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
     cpus = max(os.cpu_count() or 1, num_cpus_hint or 0)
-    ray.init(num_cpus=cpus, log_to_driver=True)
+    # address="local": a fresh local cluster, never a stale one that /tmp/ray remembers.
+    ray.init(address="local", num_cpus=cpus, log_to_driver=True)
 
 
 def git_commit() -> str:
@@ -90,8 +91,17 @@ def git_commit() -> str:
 
 
 def ray_job_id() -> str:
-    """The Ray job submission id when run through `ray job submit`, else ''."""
-    return os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID", "")
+    """The Ray job submission id (`raysubmit_...`) when run through `ray job submit`, else ''.
+
+    Ray 2.60 hands it to the entrypoint inside the job config JSON (metadata.job_submission_id).
+    """
+    import json
+
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    except ValueError:
+        config = {}
+    return (config.get("metadata") or {}).get("job_submission_id", "") or os.environ.get("RAY_JOB_SUBMISSION_ID", "")
 
 
 def run_main(main) -> None:

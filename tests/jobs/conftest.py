@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -26,13 +27,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_http(url: str, timeout: float = 90.0) -> None:
+def wait_for_http(url: str, timeout: float = 90.0, any_status: bool = False) -> None:
+    """Poll until `url` answers 200 (or any HTTP status with any_status, e.g. 401 from a token-protected
+    Ray dashboard)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
                     return
+        except urllib.error.HTTPError:
+            if any_status:
+                return
+            time.sleep(0.5)
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"{url} did not come up in {timeout} s")
@@ -81,7 +88,8 @@ def ray_local():
     import ray
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    # address="local": always a fresh cluster, never one that /tmp/ray says was started earlier.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
 

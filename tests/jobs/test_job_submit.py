@@ -11,30 +11,33 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from jobs.tracking import RUN_NAME_TAG
-from tests.jobs.conftest import REPO, free_port, tiny_overrides, wait_for_http
+from tests.jobs.conftest import REPO, free_port, stop_process_group, tiny_overrides, wait_for_http
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def ray_head(tmp_path):
-    """`ray start --head` from this environment (submitted jobs use the `python` on its PATH); stopped after."""
+    """`ray start --head --block` from this environment (submitted jobs use the `python` on its PATH), in its own
+    process group, stopped by signalling that group: `ray stop` would stop every Ray cluster on the machine,
+    including the one this test process is attached to."""
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    port, dashboard_port = free_port(), free_port()
-    subprocess.run(
-        [f"{bin_dir}/ray", "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dashboard_port), "--num-cpus", "4", "--include-dashboard", "true",
+    port, dashboard_port, client_port = free_port(), free_port(), free_port()
+    head = subprocess.Popen(
+        [f"{bin_dir}/ray", "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1",
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+         "--ray-client-server-port", str(client_port), "--num-cpus", "4", "--include-dashboard", "true",
          "--disable-usage-stats"],
-        check=True, env=env, capture_output=True, text=True, timeout=180,
+        env=env, stdout=open(tmp_path / "ray_head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
-        wait_for_http(f"{address}/api/version", timeout=120)
+        wait_for_http(f"{address}/api/version", timeout=180, any_status=True)
         yield address, env
     finally:
-        subprocess.run([f"{bin_dir}/ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_process_group(head)
 
 
 def test_ray_job_submit_runs_demo_recipe(ray_head, mlflow_server, demo_data, tmp_path):
