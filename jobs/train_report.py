@@ -27,6 +27,8 @@ def finish_run(client: MlflowClient, run_id: str, cfg: Config, result) -> dict[s
     client.set_tag(run_id, "checkpoint_location", result.checkpoint.path)
     with result.checkpoint.as_directory() as directory, tempfile.TemporaryDirectory() as tmp:
         generator_file = export_generator(directory, Path(tmp) / "generator.pt")
+        # start_run(run_id) refuses a run of another experiment than the active one (set by an earlier caller).
+        mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
         with mlflow.start_run(run_id=run_id):
             info = log_generator_model(generator_file, name="generator")
     client.set_tag(run_id, "model_uri", info.model_uri)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from jobs.tracking import RUN_NAME_TAG
-from tests.jobs.conftest import REPO, free_port, stop_process_group, tiny_overrides, wait_for_http
+from tests.jobs.conftest import REPO, free_port, stop_process_group, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -24,20 +25,36 @@ def ray_head(tmp_path):
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
+    # Every port on a free one: another Ray cluster on this machine (the tests' own) holds the defaults, and a
+    # dashboard agent that cannot bind its port leaves the head answering "No available agent to submit job".
     port, dashboard_port, client_port = free_port(), free_port(), free_port()
+    agent_ports = ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+                   "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
     head = subprocess.Popen(
         [f"{bin_dir}/ray", "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1",
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
          "--ray-client-server-port", str(client_port), "--num-cpus", "4", "--include-dashboard", "true",
-         "--disable-usage-stats"],
+         "--disable-usage-stats", *agent_ports],
         env=env, stdout=open(tmp_path / "ray_head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
-        wait_for_http(f"{address}/api/version", timeout=180, any_status=True)
+        _wait_until_jobs_api_answers(bin_dir, address, {**env, "RAY_AUTH_MODE": "token"})
         yield address, env
     finally:
         stop_process_group(head)
+
+
+def _wait_until_jobs_api_answers(bin_dir: str, address: str, env: dict, timeout: float = 180.0) -> None:
+    # The dashboard answers HTTP before its job API is ready; ask the job API itself, as the CLI does.
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done = subprocess.run([f"{bin_dir}/ray", "job", "list", "--address", address], env=env,
+                              capture_output=True, text=True, timeout=60)
+        if done.returncode == 0:
+            return
+        time.sleep(2)
+    raise TimeoutError(f"the Ray job API at {address} did not answer in {timeout} s: {done.stderr[-500:]}")
 
 
 def test_ray_job_submit_runs_demo_recipe(ray_head, mlflow_server, demo_data, tmp_path):
@@ -49,8 +66,12 @@ def test_ray_job_submit_runs_demo_recipe(ray_head, mlflow_server, demo_data, tmp
         "--name", "submitted", "--tracking-uri", mlflow_server,
         *tiny_overrides(demo_data, tmp_path / "results", steps=4),
     ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    log = done.stdout + done.stderr
+    for _ in range(20):  # right after start the head can answer "No available agent to submit job, try again"
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        log = done.stdout + done.stderr
+        if "No available agent" not in log:
+            break
+        time.sleep(3)
     assert done.returncode == 0, log[-4000:]
     assert "succeeded" in log and "PSNR  model" in log, log[-4000:]
     client = MlflowClient(mlflow_server)
