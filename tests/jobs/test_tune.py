@@ -43,6 +43,18 @@ def wait_for_free_cpus(ray, expected: float, timeout: float = 30.0) -> float:
     return ray.available_resources().get("CPU", 0.0)
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """A fresh local cluster for the sweeps (shadows the session one): what earlier job tests leave in the shared
+    cluster (e.g. a Ray Data coordinator holding a CPU) would starve the concurrent trials PBT needs."""
+    import ray
+
+    ray.shutdown()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.mark.slow
 def test_asha_sweep_stops_poor_trials_and_nests_trial_runs(ray_local, mlflow_server, demo_data, tmp_path):
     space = write_space(tmp_path, "asha", """
