@@ -8,9 +8,13 @@ checkpoint=...)`; Tune copies the checkpoint into the trial's folder. The callba
 taken the report, so no checkpoint is deleted by Train before Tune has its copy, and a scheduler's
 decision (stop, pause, exploit) happens while training waits at that report.
 
-When Tune stops a trial (ASHA) or pauses it (PBT), the trial's actor aborts its Train run before it goes
-away (`make_trainable`), so the workers' placement group is released at once instead of being left to
-Ray's PlacementGroupCleaner, which needs the state API (and fails when several Ray instances share a machine).
+When Tune stops a trial (ASHA) or pauses it (PBT), the trial's actor ends its Train run before it goes
+away (`make_trainable`, `stop_train_run`). Tune kills a stopping trial actor after 10 s, and the Train
+controller dies with it; its workers' placement group does not (it belongs to the job). Train's own
+PlacementGroupCleaner would then need the state API, which fails without a dashboard or when a stale
+/tmp/ray address is around, and Train's abort itself can take ~10 s in that case (it waits for that cleaner).
+So the trial gives the abort a few seconds, then removes the placement group itself (`TrackWorkerGroup`
+hands it over) and kills the controller: a stopped trial never keeps CPUs or GPUs held.
 
 A trial that starts from a Tune checkpoint (its own after a pause or a resumed sweep, or a donor's after
 a PBT exploit) runs a fresh Train run seeded with it (`resume_from` in the loop config); the workers
@@ -31,6 +35,11 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from ray.train.v2.api.callback import UserCallback
 
+try:  # Train's internal worker-group hooks (RunConfig accepts them next to UserCallbacks); only for cleanup
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+except ImportError:  # another Ray layout: stopped trials then rely on Train's abort alone
+    WorkerGroupCallback = object
+
 from gan_core.config import flatten
 from jobs.tracking import get_or_create_run, log_params_once
 from jobs.tune_space import trial_config
@@ -39,8 +48,22 @@ TRIAL_ID_TAG = "gan.trial_id"
 SWEEP_TAG = "gan.sweep"
 PARAMS_TAG = "tune.params"  # the trial's current searched values (JSON); PBT exploits change them
 
-# The Train run this trial actor is driving ({"controller": actor handle, "acks": queue}); one trial per actor.
+ABORT_WAIT_S = 4.0  # how long a stopping trial lets Train abort by itself (Tune kills the trial actor at 10 s)
+
+# The Train run this trial actor is driving ({"controller", "acks", "placement_group"}); one trial per actor.
 _live_run: dict[str, Any] = {}
+# On the Train controller: its current worker group's placement group (set by TrackWorkerGroup).
+_controller_workers: dict[str, Any] = {}
+
+
+class TrackWorkerGroup(WorkerGroupCallback):
+    """Runs on the Train controller: remember the placement group of each worker group it starts."""
+
+    def after_worker_group_start(self, worker_group) -> None:
+        state = worker_group.get_worker_group_state()
+        handle = getattr(state, "placement_group_handle", None)
+        _controller_workers["placement_group"] = getattr(handle, "placement_group", None) or getattr(
+            state, "placement_group", None)
 
 
 class ReportToTune(UserCallback):
@@ -52,10 +75,17 @@ class ReportToTune(UserCallback):
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         import ray
 
-        controller = ray.get_runtime_context().current_actor  # so a stopped trial can abort this run
-        self.inbox.put((dict(metrics[0]), checkpoint, controller))
+        # The controller and the workers' placement group, so that a stopped trial can end this run.
+        run = {"controller": ray.get_runtime_context().current_actor,
+               "placement_group": _controller_workers.get("placement_group")}
+        self.inbox.put((dict(metrics[0]), checkpoint, run))
         # Hold the controller until Tune has the report: Train may delete this checkpoint after the next one.
         self.acks.get()
+
+
+def trial_callbacks(inbox, acks) -> list:
+    """The Train callbacks of a trial's TorchTrainer."""
+    return [ReportToTune(inbox, acks)] + ([TrackWorkerGroup()] if WorkerGroupCallback is not object else [])
 
 
 def make_trainable(settings: dict[str, Any]):
@@ -77,10 +107,15 @@ def make_trainable(settings: dict[str, Any]):
     return SweepTrial
 
 
-def stop_train_run(timeout_s: float = 60.0) -> None:
-    """Abort the Train run of this trial actor, if one is running (workers shut down, placement group removed)."""
+def stop_train_run(abort_wait_s: float = ABORT_WAIT_S) -> None:
+    """End the Train run of this trial actor, if one is running, so that its workers' resources are free.
+
+    First Train's own abort (workers shut down, placement group removed, run marked aborted); if that takes
+    longer than `abort_wait_s`, remove the placement group (which ends the workers) and kill the controller.
+    """
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError
+    from ray.util.placement_group import remove_placement_group
     from ray.util.queue import Full
 
     live = dict(_live_run)
@@ -92,11 +127,19 @@ def stop_train_run(timeout_s: float = 60.0) -> None:
     except (Full, RayActorError):  # it is not waiting, or it is gone already
         pass
     try:
-        ray.get(live["controller"].abort.remote(), timeout=timeout_s)
+        ray.get(live["controller"].abort.remote(), timeout=abort_wait_s)
+        return
     except RayActorError:  # abort ends with the controller exiting: its callers see the actor die
-        pass
+        return
     except GetTimeoutError:
-        print(f"[tune] the Train run did not abort within {timeout_s:g} s; Ray's cleaner will release it", flush=True)
+        pass
+    group = live.get("placement_group")
+    if group is not None:
+        remove_placement_group(group)
+    ray.kill(live["controller"], no_restart=True)
+    released = "removed its workers' placement group" if group is not None else "its workers wait for Ray's cleaner"
+    print(f"[tune] the Train run did not abort within {abort_wait_s:g} s: killed its controller and {released}",
+          flush=True)
 
 
 def run_trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
@@ -144,7 +187,7 @@ def run_trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
     inbox = Queue(maxsize=1, actor_options={"num_cpus": 0})
     acks = Queue(maxsize=1, actor_options={"num_cpus": 0})
     args = argparse.Namespace(num_workers=settings["workers_per_trial"], use_gpu=settings["use_gpu"])
-    trainer = build_trainer(cfg, args, cfg.run.name, loop_config, callbacks=[ReportToTune(inbox, acks)],
+    trainer = build_trainer(cfg, args, cfg.run.name, loop_config, callbacks=trial_callbacks(inbox, acks),
                             resources_per_worker=settings["resources_per_worker"])
     # 4. Train in a helper thread; this (Tune's) thread reports. When Tune stops or pauses the trial,
     #    ray.tune.report never returns here: SweepTrial.cleanup aborts the Train run and the actor exits.
@@ -175,13 +218,13 @@ def forward_reports(trainer, inbox, acks, metadata: dict[str, Any]) -> None:
     thread.start()
     while True:
         try:
-            metrics, train_checkpoint, controller = inbox.get(timeout=1.0)
+            metrics, train_checkpoint, run = inbox.get(timeout=1.0)
         except queue.Empty:
             # The callback waits for its ack, so a finished fit() has no report left in the queue.
             if thread.is_alive():
                 continue
             break
-        _live_run.update(controller=controller, acks=acks)
+        _live_run.update(run, acks=acks)
         checkpoint = None
         if train_checkpoint is not None:
             train_checkpoint.set_metadata(metadata | {"step": metrics.get("step")})
