@@ -30,6 +30,10 @@ def ray_head(tmp_path):
     port, dashboard_port, client_port = free_port(), free_port(), free_port()
     agent_ports = ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
                    "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
+    from ray._common.utils import get_ray_address_file
+
+    address_file = Path(get_ray_address_file(None))
+    before = address_file.read_text() if address_file.is_file() else None
     head = subprocess.Popen(
         [f"{bin_dir}/ray", "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1",
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
@@ -43,6 +47,17 @@ def ray_head(tmp_path):
         yield address, env
     finally:
         stop_process_group(head)
+        _restore(address_file, before)
+
+
+def _restore(path: Path, text: str | None) -> None:
+    # `ray start` records its address in /tmp/ray/ray_current_cluster and only `ray stop` removes it. Left
+    # pointing at this stopped head, it would send later state-API calls (Train's placement-group cleaner)
+    # to a dead cluster.
+    if text is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_text(text)
 
 
 def _wait_until_jobs_api_answers(bin_dir: str, address: str, env: dict, timeout: float = 180.0) -> None:
