@@ -121,6 +121,9 @@ class DataConfig(_Section):
     hflip: bool = True
     rot90: bool = True
     color_jitter: float = Field(0.0, ge=0.0, le=1.0)
+    # tile: every shard row (tile) equally often, as BasicSR; source: every source photo equally often, so the
+    # tiles of one big photo do not dominate a small, mixed data set (needs the shards' `source` column)
+    sampling: Literal["tile", "source"] = "tile"
     degradation: DegradationConfig = Field(default_factory=DegradationConfig)
     max_val_images: int | None = Field(None, ge=1)
     val_crop: int | None = Field(None, ge=16)  # centre-crop validation HR images to this size (fast CPU validation)

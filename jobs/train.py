@@ -63,7 +63,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         lambda model: ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False}),
     )
     # 4. This worker's own shard of the training images (no two workers share patches in an epoch).
-    worker.load_train_images(row["image"] for row in ray.train.get_dataset_shard("train").iter_rows())
+    rows = ray.train.get_dataset_shard("train").iter_rows()
+    worker.load_train_images((row["image"], row.get("source")) for row in rows)
 
     # 5. Train; every checkpoint is a barrier that all workers reach together.
     def report(metrics: dict[str, float], directory: Path | None) -> None:
@@ -86,7 +87,15 @@ def build_trainer(cfg: Config, args: argparse.Namespace, run_name: str, loop_con
             f"data.train={cfg.data.train} does not exist. Write Parquet shards first: "
             "`python -m jobs.prepare_data --demo` (demo) or `python -m jobs.prepare_data --src <images> --out <dir>`"
         )
-    dataset = ray.data.read_parquet(cfg.data.train).select_columns(["image"])
+    dataset = ray.data.read_parquet(cfg.data.train)
+    if cfg.data.sampling == "source":
+        if "source" not in dataset.schema().names:
+            raise JobError(f"data.sampling=source needs a `source` column in the shards of {cfg.data.train}; "
+                           "rewrite them with `python -m jobs.prepare_data` or use data.sampling=tile")
+        # Rows mixed across workers, so that every worker sees every source photo (a shard holds a few photos).
+        dataset = dataset.select_columns(["image", "source"]).random_shuffle(seed=cfg.train.seed)
+    else:
+        dataset = dataset.select_columns(["image"])
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

@@ -109,12 +109,14 @@ class TrainingWorker:
             elif state.discriminator is not None:
                 state.discriminator = torch.compile(state.discriminator)
 
-    def load_train_images(self, encoded: Iterable[bytes]) -> None:
-        """Decode this worker's shard once; undecodable rows are skipped and counted."""
-        images = []
-        for index, data in enumerate(encoded):
+    def load_train_images(self, rows: Iterable[tuple[bytes, str | None]]) -> None:
+        """Decode this worker's shard once (rows of encoded image, source photo); undecodable rows are skipped
+        and counted. With data.sampling=source, every source photo is drawn equally often."""
+        images, sources = [], []
+        for index, (data, source) in enumerate(rows):
             try:
                 images.append(decode_image(data, name=f"row {index}"))
+                sources.append(source)
             except ImageDecodeError as err:
                 self.skipped_images.append(str(err))
         if not images:
@@ -124,13 +126,15 @@ class TrainingWorker:
             images, patch_size=cfg.data.patch_size, scale=cfg.generator.scale, batch_size=cfg.data.batch_size,
             seed=cfg.train.seed + 1000 * self.rank, hflip=cfg.data.hflip, rot90=cfg.data.rot90,
             color_jitter=cfg.data.color_jitter, degradation=cfg.data.degradation.model_dump(),
+            groups=sources if cfg.data.sampling == "source" else None,
         )
         if self.sampler_state is not None:
             self.sampler.load_state_dict(self.sampler_state)
         if self.skipped_images and self.rank == 0:
             print(f"skipped {len(self.skipped_images)} undecodable training rows: {self.skipped_images[:3]}", flush=True)
-        print(f"worker {self.rank}: {len(images)} training images, {len(self.sampler.skipped)} smaller than a patch",
-              flush=True)
+        photos = f" from {len(set(sources))} source photos" if cfg.data.sampling == "source" else ""
+        print(f"worker {self.rank}: {len(images)} training images{photos}, {len(self.sampler.skipped)} smaller than "
+              "a patch", flush=True)
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         memory_format = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format

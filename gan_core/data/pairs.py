@@ -9,6 +9,8 @@ benchmark LR: the mod-cropped HR image bicubic-downscaled with MATLAB's kernel.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -108,8 +110,11 @@ class PatchSampler:
     """Endless, resumable stream of training batches from in-memory HR images.
 
     Each epoch is a seeded permutation of the usable images; each visit cuts one
-    random patch (BasicSR: one random crop per sub-image per epoch). Batches run
-    across image and epoch boundaries. Images smaller than patch_size are left
+    random patch (BasicSR: one random crop per sub-image per epoch). With
+    `groups` (e.g. the source photo of each tile), an epoch instead draws as many
+    visits as there are images, each group equally often and each image of a
+    group equally often, so a photo cut into many tiles does not outweigh a small
+    one. Batches run across image and epoch boundaries. Images smaller than patch_size are left
     out and their names listed in `skipped`. The LR half of a batch is computed
     on the whole batch at once.
 
@@ -138,6 +143,7 @@ class PatchSampler:
         color_jitter: float = 0.0,
         degradation: dict | None = None,
         names: list[str] | None = None,
+        groups: list[str] | None = None,
     ):
         """Args:
             images: HR images, each a uint8 (H, W, 3) array, a uint8 (3, H, W)
@@ -147,6 +153,8 @@ class PatchSampler:
             seed: base seed.
             rank: this worker's rank, so workers draw different patches.
             names: names of the images (default "image-<index>"), for `skipped`.
+            groups: one label per image (same order as images) to sample the labels
+                uniformly instead of the images; None samples the images uniformly.
 
         Raises:
             ValueError: bad sizes, unknown degradation keys, or no image is large enough.
@@ -154,12 +162,15 @@ class PatchSampler:
         _check_patch_args(patch_size, scale, degradation)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if groups is not None and len(groups) != len(images):
+            raise ValueError(f"groups has {len(groups)} labels for {len(images)} images")
         self.patch_size, self.scale, self.batch_size = patch_size, scale, batch_size
         self.hflip, self.rot90, self.color_jitter, self.degradation = hflip, rot90, color_jitter, degradation
         self.seed, self.rank = seed, rank
         self.images: list[torch.Tensor] = []
         self.names: list[str] = []
         self.skipped: list[str] = []
+        kept_groups = []
         for index, item in enumerate(images):
             name, image = item if isinstance(item, tuple) else (names[index] if names else f"image-{index}", item)
             hr = to_chw_uint8(image)
@@ -168,10 +179,16 @@ class PatchSampler:
             else:
                 self.images.append(hr)
                 self.names.append(name)
+                kept_groups.append(groups[index] if groups is not None else None)
         if not self.images:
             raise ValueError(
                 f"PatchSampler: none of the {len(self.skipped)} images is at least {patch_size} px on its shorter side"
             )
+        self.weights = None  # per-image visit probability when sampling by group
+        if groups is not None:
+            sizes = Counter(kept_groups)
+            self.weights = torch.tensor([1.0 / (len(sizes) * sizes[group]) for group in kept_groups],
+                                        dtype=torch.float64)
         self.generator = torch.Generator().manual_seed(_mix_seed(seed, rank))
         self.epoch = 0
         self.position = 0
@@ -216,6 +233,9 @@ class PatchSampler:
 
     def _epoch_order(self, epoch: int) -> list[int]:
         order_generator = torch.Generator().manual_seed(_mix_seed(self.seed, self.rank, epoch + 1))
+        if self.weights is not None:
+            return torch.multinomial(self.weights, len(self.images), replacement=True,
+                                     generator=order_generator).tolist()
         return torch.randperm(len(self.images), generator=order_generator).tolist()
 
 

@@ -424,6 +424,25 @@ def test_patch_sampler_epochs_visit_each_image_once():
     assert len({tuple(order) for order in orders}) > 1  # a new permutation each epoch
 
 
+def test_patch_sampler_groups_draw_each_source_photo_equally_often():
+    # Source "big" is cut into 8 tiles, "small" into 1 (plus a too-small tile): by tile, "small" would get 1/9.
+    colours = [np.full((20, 20, 3), 10, np.uint8)] * 8 + [np.full((20, 20, 3), 200, np.uint8), _random_rgb(8, 8)]
+    groups = ["big"] * 8 + ["small", "small"]
+    sampler = _sampler(colours, batch_size=90, groups=groups)
+    assert sampler.skipped == ["image-9"]
+    _, gt = next(sampler)
+    small = (gt[:, 0, 0, 0] * 255).round().eq(200).float().mean().item()
+    assert 0.35 < small < 0.65, small  # about 1/2 (by tile it would be ~0.11)
+    twin = _sampler(colours, batch_size=90, groups=groups)
+    torch.testing.assert_close(next(twin)[1], gt, atol=0, rtol=0)  # seeded like the plain order
+    state = sampler.state_dict()
+    expected = next(sampler)[1]
+    twin.load_state_dict(state)
+    torch.testing.assert_close(next(twin)[1], expected, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="groups has 2 labels for 10 images"):
+        _sampler(colours, groups=["a", "b"])
+
+
 def test_patch_sampler_resume_gives_the_same_next_batch():
     images = [(f"im{s}", _hr(24 + 4 * s, 28, seed=s)) for s in range(5)]
     degradation = {"blur_sigma": (0.5, 1.5), "noise_sigma": (1, 10)}

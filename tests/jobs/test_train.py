@@ -151,3 +151,24 @@ def test_tracking_server_lost_mid_run_training_continues(ray_local, demo_data, t
     text = out.out + out.err
     assert "logging call(s) lost so far, training continues" in text
     assert "could not log the final model to MLflow" in text
+
+
+def test_source_sampling_needs_shards_with_a_source_column(ray_local, tmp_path):
+    import argparse
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gan_core.config import load_config
+    from gan_core.data.images import encode_png
+    from jobs.common import JobError
+
+    shards = tmp_path / "plain_shards"
+    shards.mkdir()
+    pq.write_table(pa.table({"image": [encode_png(np.zeros((64, 64, 3), np.uint8))]}), shards / "part-00000.parquet")
+    cfg = load_config(DEMO, [f"data.train={shards}", "data.sampling=source"])
+    args = argparse.Namespace(num_workers=2, use_gpu=False)
+    with pytest.raises(JobError, match="data.sampling=source needs a `source` column"):
+        train.build_trainer(cfg, args, "no-source", {})
+    cfg.data.sampling = "tile"
+    assert train.build_trainer(cfg, args, "no-source", {}) is not None
