@@ -56,14 +56,32 @@ _live_run: dict[str, Any] = {}
 _controller_workers: dict[str, Any] = {}
 
 
+def _this_run() -> dict[str, Any]:
+    """On the Train controller: what a stopped trial needs to end this run (controller, workers' placement group)."""
+    import ray
+
+    return {"controller": ray.get_runtime_context().current_actor,
+            "placement_group": _controller_workers.get("placement_group")}
+
+
 class TrackWorkerGroup(WorkerGroupCallback):
-    """Runs on the Train controller: remember the placement group of each worker group it starts."""
+    """Runs on the Train controller: tell the trial about each worker group it starts (its placement group),
+    so that a trial stopped even before its first report can end the run."""
+
+    def __init__(self, inbox):
+        self.inbox = inbox
 
     def after_worker_group_start(self, worker_group) -> None:
+        from ray.util.queue import Full
+
         state = worker_group.get_worker_group_state()
         handle = getattr(state, "placement_group_handle", None)
         _controller_workers["placement_group"] = getattr(handle, "placement_group", None) or getattr(
             state, "placement_group", None)
+        try:
+            self.inbox.put((None, None, _this_run()), timeout=30)  # (no metrics: not a report)
+        except Full:  # the trial is not reading (it is going away); its reports will carry the same
+            pass
 
 
 class ReportToTune(UserCallback):
@@ -73,19 +91,14 @@ class ReportToTune(UserCallback):
         self.inbox, self.acks = inbox, acks  # ray.util.queue.Queue handles, picklable
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        import ray
-
-        # The controller and the workers' placement group, so that a stopped trial can end this run.
-        run = {"controller": ray.get_runtime_context().current_actor,
-               "placement_group": _controller_workers.get("placement_group")}
-        self.inbox.put((dict(metrics[0]), checkpoint, run))
+        self.inbox.put((dict(metrics[0]), checkpoint, _this_run()))
         # Hold the controller until Tune has the report: Train may delete this checkpoint after the next one.
         self.acks.get()
 
 
 def trial_callbacks(inbox, acks) -> list:
     """The Train callbacks of a trial's TorchTrainer."""
-    return [ReportToTune(inbox, acks)] + ([TrackWorkerGroup()] if WorkerGroupCallback is not object else [])
+    return [ReportToTune(inbox, acks)] + ([TrackWorkerGroup(inbox)] if WorkerGroupCallback is not object else [])
 
 
 def make_trainable(settings: dict[str, Any]):
@@ -225,6 +238,8 @@ def forward_reports(trainer, inbox, acks, metadata: dict[str, Any]) -> None:
                 continue
             break
         _live_run.update(run, acks=acks)
+        if metrics is None:  # the run's workers started: nothing to report yet
+            continue
         checkpoint = None
         if train_checkpoint is not None:
             train_checkpoint.set_metadata(metadata | {"step": metrics.get("step")})
