@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -36,3 +37,8 @@ def batches(cfg, seed=0):
         gt = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
         lq = torch.nn.functional.avg_pool2d(gt, scale)
         yield lq, gt
+
+
+def random_rgb(height, width, seed=0):
+    """A seeded uint8 (H, W, 3) noise image."""
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
