@@ -249,16 +249,26 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     Raises:
         ConfigError: the file is missing or not a mapping, or a key is unknown or of the wrong type.
     """
+    data = read_yaml_mapping(path, "config file", "a mapping of sections")
+    return config_from_dict(apply_overrides(data, overrides or []), source=str(path))
+
+
+def read_yaml_mapping(path: str | Path, kind: str, expected: str = "a mapping") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (an empty file is {}).
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or not a mapping; the message names `kind` and the path.
+    """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{kind} not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    return config_from_dict(apply_overrides(data, overrides or []), source=str(path))
+        raise ConfigError(f"{path}: expected {expected}, got {type(data).__name__}")
+    return data
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -21,10 +21,24 @@ import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from gan_core.config import Config, ConfigError, apply_overrides, config_from_dict, known_keys
+from gan_core.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    known_keys,
+    read_yaml_mapping,
+)
 
 # What the training workers report at each validation (jobs.worker: `val/` + gan_core.evaluation's keys).
 REPORTED_METRICS = (
@@ -231,14 +245,7 @@ def load_space(path: str | Path) -> SpaceFile:
             names the path of every problem (e.g. `param_space.optim.g_lr: loguniform needs 0 < lo < hi`).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"space file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "space file")
     try:
         space = SpaceFile.model_validate(data)
     except ValidationError as err:
@@ -273,9 +280,7 @@ def resolve_base_config(space: SpaceFile, cli_overrides: list[str] | None = None
     Raises:
         ConfigError: the recipe is unreadable, or an override names an unknown key or makes the config invalid.
     """
-    data = yaml.safe_load(Path(space.base).read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{space.base}: expected a mapping of sections, got {type(data).__name__}")
+    data = read_yaml_mapping(space.base, "base recipe", "a mapping of sections")
     for key, value in space.overrides.items():
         set_dotted(data, key, value)
     data = apply_overrides(data, list(cli_overrides or []))
