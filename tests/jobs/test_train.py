@@ -58,8 +58,9 @@ def test_two_workers_train_and_track_everything(ray_local, mlflow_server, demo_d
 
 
 def test_rerun_same_name_resumes_step_and_mlflow_run(ray_local, mlflow_server, demo_data, tmp_path):
-    _run("resume", mlflow_server, demo_data, tmp_path, steps=4)
-    metrics = _run("resume", mlflow_server, demo_data, tmp_path, steps=8)
+    constant_lr = {"schedule.lr_schedule": "constant", "schedule.warmup_steps": "0"}  # same LRs for 4 or 8 steps
+    _run("resume", mlflow_server, demo_data, tmp_path, steps=4, **constant_lr)
+    metrics = _run("resume", mlflow_server, demo_data, tmp_path, steps=8, **constant_lr)
     assert metrics["step"] == 8
     client = MlflowClient(mlflow_server)
     runs = _runs_named(client, "resume")
@@ -67,6 +68,15 @@ def test_rerun_same_name_resumes_step_and_mlflow_run(ray_local, mlflow_server, d
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "g/pix")]
     assert steps == list(range(1, 9)), "the step counter continues; nothing is trained twice"
     assert runs[0].data.tags["resume.override.train.total_steps"] == "4 -> 8"
+
+    # Resuming is exact: G, D, optimizers, EMA, sampler and each worker's rows come back, so steps 5-8
+    # (GAN steps, D included) lose exactly what an uninterrupted 8-step run loses.
+    _run("straight", mlflow_server, demo_data, tmp_path, steps=8, **constant_lr)
+    (straight,) = _runs_named(client, "straight")
+    for key in ("g/pix", "g/adv", "d/total"):
+        resumed = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, key)}
+        uninterrupted = {m.step: m.value for m in client.get_metric_history(straight.info.run_id, key)}
+        assert [resumed[step] for step in range(5, 9)] == [uninterrupted[step] for step in range(5, 9)], key
 
 
 def _train_worker_pids() -> list[int]:
