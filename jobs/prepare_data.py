@@ -1,7 +1,7 @@
 """Write a folder of images into Parquet shards of HR sub-images (what jobs.train reads with Ray Data).
 
     python -m jobs.prepare_data --demo
-        scikit-image's bundled photos -> data/demo/{train,val} and data/demo/train_shards (offline)
+        photos shipped by scikit-image, scikit-learn, matplotlib -> data/demo/{train,val} and data/demo/train_shards (offline)
     python -m jobs.prepare_data --src /data/DIV2K_train_HR --out /data/div2k_shards --crop-size 480 --step 240
         BasicSR's sub-image extraction (480 px tiles every 240 px), as for its DIV2K recipes
 

@@ -33,6 +33,7 @@ from gan_core.data import (
     shard_files,
     write_shards,
 )
+from gan_core.data.demo import package_file
 from tests.gan_core.conftest import random_rgb
 
 torch.set_num_threads(1)
@@ -362,9 +363,17 @@ def test_demo_split_is_disjoint_and_real():
     train, val = set(split["train"]), set(split["val"])
     assert train and val and not train & val
     assert {path.name for path in val} <= set(DEMO_VAL)
+    # Everyday photos from scikit-learn and matplotlib (dependencies) join the scientific ones on the training side.
+    assert {"china.jpg", "flower.jpg", "grace_hopper.jpg"} <= {path.name for path in train}
     for path in train | val:
         image = load_image(path)
         assert image.ndim == 3 and min(image.shape[:2]) >= 128
+
+
+def test_package_file_finds_installed_data_and_tolerates_absence():
+    assert package_file("sklearn", "datasets/images/china.jpg").is_file()
+    assert package_file("sklearn", "datasets/images/no_such.jpg") is None
+    assert package_file("no_such_package_xyz", "a.jpg") is None
 
 
 def test_prepare_demo_folders_is_idempotent(tmp_path):

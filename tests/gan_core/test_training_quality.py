@@ -34,5 +34,5 @@ def test_short_pretraining_beats_bicubic_on_held_out_photos():
     metrics = mean_metrics(evaluate_images(state.generator_ema, val_images, 4, torch.device("cpu")))
     print(f"\n{cfg.train.total_steps} steps in {time.perf_counter() - start:.0f} s: PSNR-Y {metrics['psnr_y']:.3f} dB, "
           f"bicubic {metrics['bicubic_psnr_y']:.3f} dB, gain {metrics['gain_psnr_y']:+.3f} dB")
-    assert metrics["gain_psnr_y"] > 0.5  # measured +0.90 dB (torch 2.14.1, CPU)
+    assert metrics["gain_psnr_y"] > 0.5  # measured +0.96 dB with the 9 demo photos (+0.90 with 6; torch 2.14.1, CPU)
     assert metrics["ssim_y"] > metrics["bicubic_ssim_y"]
