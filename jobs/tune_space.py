@@ -21,24 +21,9 @@ import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gan_core.config import (
-    Config,
-    ConfigError,
-    apply_overrides,
-    config_from_dict,
-    known_keys,
-    read_yaml_mapping,
-)
+from gan_core.config import Config, ConfigError, apply_overrides, config_from_dict, known_keys, read_yaml_mapping
 
 # What the training workers report at each validation (jobs.worker: `val/` + gan_core.evaluation's keys).
 REPORTED_METRICS = (

@@ -55,11 +55,9 @@ def skimage_data_dir() -> Path:
 def package_file(package: str, relative: str) -> Path | None:
     """A data file inside an installed package (found without importing it), or None."""
     spec = importlib.util.find_spec(package)
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(folder) / relative
-        if path.is_file():
-            return path
-    return None
+    folders = spec.submodule_search_locations if spec is not None else None
+    paths = [Path(folder) / relative for folder in folders or []]
+    return next((path for path in paths if path.is_file()), None)
 
 
 def demo_images() -> dict[str, list[Path]]:
