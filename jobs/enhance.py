@@ -13,51 +13,94 @@ The driver resolves --model once and ships the generator's bytes to the actors (
 relative path, name and format (JPEG at quality 95); a file that cannot be read or enhanced is
 skipped and reported, and the others are still written. Outputs are written atomically (temporary
 name, then rename): a crashed run leaves no half-written image.
+
+Memory. Tiles are rounded to uint8 as they come (gan_core.inference), so no float copy of an output
+is ever made. A PNG output is streamed: each band of tile rows is PNG-filtered and deflated as soon
+as it is computed (gan_core.data.images.PngWriter), so an actor holds the input, one band of output
+rows (tile * scale rows) and one tile's activations, whatever the image size; the file is
+byte-identical to what Pillow writes for the same pixels. (A disk-backed numpy memmap of the output,
+encoded at the end, would bound memory too, but costs a temporary file of the raw output's size,
+and Pillow's encoders would still copy the whole image into memory.) JPEG, WebP and the other
+formats are encoded by Pillow from the whole uint8 output (3 bytes per output pixel, 48 per input
+pixel at x4, plus Pillow's own copy). --max-pixels (default 50 million input pixels) fails a larger
+input before it is decoded, naming the file, its size and the limit; the others go on.
+
+Exit status: 0 every image written; 1 some failed (a summary names each one and why, the others were
+written); 2 bad arguments or nothing to enhance (one `error:` line).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from jobs.common import JobError, check_tracking_server, init_ray, resolve_tracking_uri, run_main
-from jobs.model_source import MODEL_HELP
+from jobs.cli import JobError, init_ray, run_main
+from jobs.tracking.server import check_tracking_server, resolve_tracking_uri
+from jobs.tracking.model_source import MODEL_HELP
 
 SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}
+DEFAULT_MAX_PIXELS = 50_000_000
+EXIT_SOME_FAILED = 1  # 2 is run_main's: a user error before anything was enhanced
+
+
+def output_format(path: Path) -> str:
+    """Pillow's format name for the suffix of `path` ("PNG", "JPEG", ...).
+
+    Raises:
+        ValueError: no writer for that suffix.
+    """
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"no image writer for {path.suffix!r}")
+    return fmt
 
 
 def save_like(img: np.ndarray, path: Path) -> None:
     """Write uint8 HxWx3 `img` to `path` in the format its suffix names, atomically."""
     from PIL import Image
 
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"no image writer for {path.suffix!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        Image.fromarray(img).save(tmp, format=fmt, **SAVE_OPTIONS.get(fmt, {}))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from gan_core.files import atomic_write
+
+    fmt = output_format(path)
+    atomic_write(path, lambda file: Image.fromarray(img).save(file, format=fmt, **SAVE_OPTIONS.get(fmt, {})))
+
+
+def save_png_bands(bands: Iterable[np.ndarray], path: Path, width: int, height: int) -> None:
+    """Write a PNG that arrives as bands of uint8 rows (top to bottom), each as it arrives, atomically.
+
+    The file holds the same bytes as save_like's for the same pixels (see PngWriter).
+    """
+    from gan_core.data.images import PngWriter
+    from gan_core.files import atomic_write
+
+    def write(file) -> None:
+        writer = PngWriter(file, width, height)
+        for band in bands:
+            writer.write_rows(band)
+        writer.close()
+
+    atomic_write(path, write)
 
 
 class EnhanceActor:
     """One Ray Data actor: holds the generator, enhances and writes one image per row."""
 
     def __init__(self, generator_ref: list, input_dir: str, output_dir: str, tile: int | None,
-                 tile_overlap: int, use_gpu: bool, threads: int, bf16: bool = False):
+                 tile_overlap: int, use_gpu: bool, threads: int, bf16: bool = False,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
         import ray
         import torch
 
-        from gan_core.models import load_generator
+        from gan_core.checkpoint import load_generator
 
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
@@ -68,21 +111,28 @@ class EnhanceActor:
         self.scale = int(self.generator.scale)
         self.input_dir, self.output_dir = Path(input_dir), Path(output_dir)
         self.tile, self.tile_overlap, self.bf16 = tile, tile_overlap, bf16
+        self.max_pixels = max_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from gan_core.data import load_image
-        from gan_core.inference import enhance_image
+        from gan_core.inference import enhance_bands, enhance_image
 
         errors, seconds, sizes = [], [], []
         for rel in batch["path"]:
             start = time.perf_counter()
             try:
-                img = load_image(self.input_dir / rel)
-                out = enhance_image(self.generator, img, self.scale, self.device, tile=self.tile,
-                                    tile_overlap=self.tile_overlap, bf16=self.bf16)
-                save_like(out, self.output_dir / rel)
+                target = self.output_dir / rel
+                fmt = output_format(target)  # an unwritable suffix fails before the work, not after
+                img = load_image(self.input_dir / rel, max_pixels=self.max_pixels)  # the limit: before decoding
+                height, width = img.shape[0] * self.scale, img.shape[1] * self.scale
+                settings = {"tile": self.tile, "tile_overlap": self.tile_overlap, "bf16": self.bf16}
+                if fmt == "PNG":  # streamed: one band of output rows in memory at a time
+                    bands = enhance_bands(self.generator, img, self.scale, self.device, **settings)
+                    save_png_bands(bands, target, width, height)
+                else:  # Pillow's encoders need the whole image
+                    save_like(enhance_image(self.generator, img, self.scale, self.device, **settings), target)
                 errors.append("")
-                sizes.append(f"{img.shape[1]}x{img.shape[0]} -> {out.shape[1]}x{out.shape[0]}")
+                sizes.append(f"{img.shape[1]}x{img.shape[0]} -> {width}x{height}")
             except Exception as err:  # noqa: BLE001 -- one bad file must not stop the others; it is reported
                 errors.append(f"{type(err).__name__}: {err}")
                 sizes.append("")
@@ -91,23 +141,32 @@ class EnhanceActor:
                 "seconds": np.asarray(seconds), "size": np.asarray(sizes, dtype=object)}
 
 
-def list_inputs(input_dir: Path, output_dir: Path) -> list[str]:
-    """Relative paths of the images to enhance (recursive, hidden files skipped).
+def list_inputs(input_dir: Path, output_dir: Path) -> tuple[list[str], list[dict], list[dict]]:
+    """The images to enhance (recursive, hidden files skipped, symlinks followed once), and what the walk
+    could not use.
+
+    Returns:
+        (relative paths of the images, unreadable entries, symlinked folders not followed); the last two
+        as {"path", "error"} dicts: broken symlinks and symlink loops are unreadable (counted as failed),
+        loops back to a scanned folder are not followed (nothing under them is missed).
 
     Raises:
         JobError: no input folder, no image in it, or output inside input.
     """
-    from gan_core.data import find_image_files
+    from gan_core.data.shards import scan_image_folder
 
     if not input_dir.is_dir():
         raise JobError(f"--input {input_dir}: no such folder")
     if output_dir.resolve() == input_dir.resolve():
         raise JobError("--output must differ from --input: enhanced images keep their names")
-    files = [p.relative_to(input_dir).as_posix() for p in find_image_files(input_dir)
+    scan = scan_image_folder(input_dir)
+    files = [p.relative_to(input_dir).as_posix() for p in scan.files
              if output_dir.resolve() not in p.resolve().parents]
     if not files:
         raise JobError(f"--input {input_dir}: no image files (looked for the usual suffixes, recursively)")
-    return files
+    unreadable = [{"path": name, "error": reason} for name, reason in scan.unreadable]
+    not_followed = [{"path": name, "error": reason} for name, reason in scan.not_followed]
+    return files, unreadable, not_followed
 
 
 def actor_count(args: argparse.Namespace, n_files: int) -> int:
@@ -131,7 +190,7 @@ def enhance_folder(generator_file: Path, args: argparse.Namespace) -> dict:
     import ray.data
 
     input_dir, output_dir = Path(args.input), Path(args.output)
-    files = list_inputs(input_dir, output_dir)
+    files, unreadable, not_followed = list_inputs(input_dir, output_dir)
     actors = actor_count(args, len(files))
     print(f"enhancing {len(files)} image(s) from {input_dir} into {output_dir} with {actors} "
           f"{'GPU' if args.use_gpu else 'CPU'} actor(s), tile {args.tile or 'off'}", flush=True)
@@ -145,7 +204,8 @@ def enhance_folder(generator_file: Path, args: argparse.Namespace) -> dict:
         fn_constructor_kwargs={"generator_ref": [generator_ref], "input_dir": str(input_dir.resolve()),
                                "output_dir": str(output_dir.resolve()), "tile": args.tile or None,
                                "tile_overlap": args.tile_overlap, "use_gpu": args.use_gpu,
-                               "threads": args.cpus_per_actor, "bf16": args.bf16},
+                               "threads": args.cpus_per_actor, "bf16": args.bf16,
+                               "max_pixels": args.max_pixels or None},
         num_cpus=args.cpus_per_actor, num_gpus=1 if args.use_gpu else 0,
     )
     done, failed = [], []
@@ -154,13 +214,15 @@ def enhance_folder(generator_file: Path, args: argparse.Namespace) -> dict:
         status = f"FAILED {row['error']}" if row["error"] else f"{row['size']} in {row['seconds']:.2f} s"
         print(f"[{len(done) + len(failed)}/{len(files)}] {row['path']}: {status}", flush=True)
     wall = time.perf_counter() - start
-    summary = {"written": len(done), "failed": [{"path": r["path"], "error": r["error"]} for r in failed],
-               "seconds": wall, "images_per_s": len(done) / wall if wall > 0 else 0.0, "actors": actors,
-               "output": str(output_dir)}
-    print(f"{len(done)} written to {output_dir}, {len(failed)} failed, {wall:.1f} s, "
-          f"{summary['images_per_s']:.2f} images/s (actor start-up included)")
-    for row in failed:
-        print(f"  skipped {row['path']}: {row['error']}", file=sys.stderr)
+    failures = sorted(unreadable + [{"path": r["path"], "error": r["error"]} for r in failed], key=lambda f: f["path"])
+    summary = {"written": len(done), "failed": failures, "not_followed": not_followed, "seconds": wall,
+               "images_per_s": len(done) / wall if wall > 0 else 0.0, "actors": actors, "output": str(output_dir)}
+    print(f"written {len(done)}, failed {len(failures)} (of {len(files) + len(unreadable)} images) into "
+          f"{output_dir} in {wall:.1f} s, {summary['images_per_s']:.2f} images/s (actor start-up included)")
+    for item in failures:
+        print(f"  failed {item['path']}: {item['error']}", file=sys.stderr)
+    for item in not_followed:
+        print(f"  not followed {item['path']}: {item['error']}", file=sys.stderr)
     return summary
 
 
@@ -177,6 +239,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (about 2x faster on recent GPUs)")
     parser.add_argument("--num-actors", type=int, help="default: GPUs with --use-gpu, else the CPUs less one")
     parser.add_argument("--cpus-per-actor", type=int, default=1, help="CPUs (torch threads) per actor")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="largest input in pixels (width x height): a larger one fails, named, before it is "
+                             f"decoded, and the others go on; 0: no limit (default {DEFAULT_MAX_PIXELS:,})")
     parser.add_argument("--report", help="also write the summary (failures included) to this JSON file")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     args = parser.parse_args(argv)
@@ -184,15 +249,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--tile must be 0 (off) or at least 8")
     if args.tile_overlap < 0 or (args.num_actors is not None and args.num_actors < 1) or args.cpus_per_actor < 1:
         parser.error("--tile-overlap must be >= 0, --num-actors and --cpus-per-actor >= 1")
+    if args.max_pixels < 0:
+        parser.error("--max-pixels must be >= 0 (0: no limit)")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Resolve the model on the driver, then enhance the folder on Ray; returns the summary."""
+    """Resolve the model on the driver, then enhance the folder on Ray.
+
+    Returns:
+        The summary (also printed, and written to --report), when every image was written.
+
+    Raises:
+        SystemExit: with EXIT_SOME_FAILED (1) when some images failed, after the summary is printed
+            and the report written; the other images are written.
+        JobError: bad arguments or nothing to enhance (run_main makes it exit status 2).
+    """
     import mlflow
 
-    from gan_core.models import load_generator
-    from jobs.model_source import is_mlflow_uri, resolve_model, slim_generator_file
+    from gan_core.checkpoint import load_generator
+    from jobs.tracking.model_source import is_mlflow_uri, resolve_model, slim_generator_file
 
     args = parse_args(argv)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
@@ -211,6 +287,9 @@ def main(argv: list[str] | None = None) -> dict:
         summary = enhance_folder(generator_file, args)
     if args.report:
         Path(args.report).write_text(json.dumps(summary, indent=2))
+    if summary["failed"]:
+        print(f"{len(summary['failed'])} image(s) failed (listed above); the others were written", file=sys.stderr)
+        sys.exit(EXIT_SOME_FAILED)
     return summary
 
 

@@ -5,7 +5,10 @@
     python -m jobs.prepare_data --src /data/DIV2K_train_HR --out /data/div2k_shards --crop-size 480 --step 240
         BasicSR's sub-image extraction (480 px tiles every 240 px), as for its DIV2K recipes
 
-Undecodable and too-small images are skipped, named and counted; shards are written atomically.
+Undecodable and too-small images (below --crop-size when cropping, else below 16 px), broken symlinks and
+symlink loops are skipped, named and counted. The existing shards in --out are replaced only once the new ones
+are all written: a source that yields nothing (an empty folder, a typo) or a crash leaves them as they were.
+Exit status: 0 done, 2 nothing usable or bad arguments (one `error:` line).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import sys
 from pathlib import Path
 
 from gan_core.data import prepare_demo_folders, write_shards
-from jobs.common import JobError, run_main
+from gan_core.data.shards import MIN_IMAGE_SIDE, NoUsableImagesError, ShardReport
+from jobs.cli import JobError, run_main
 
 DEMO_ROOT = Path("data/demo")
 DEMO_CROP, DEMO_STEP = 192, 96
@@ -34,7 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crop-size", type=int, help="sub-image size (BasicSR uses 480 for DIV2K); default: whole images")
     parser.add_argument("--step", type=int, help="sub-image stride (default crop-size / 2)")
     parser.add_argument("--thresh-size", type=int, default=0, help="BasicSR's thresh_size for the last row/column")
-    parser.add_argument("--min-size", type=int, default=0, help="skip images smaller than this (pixels, shorter side)")
+    parser.add_argument("--min-size", type=int, default=0,
+                        help=f"skip images whose shorter side is below this; never below --crop-size when cropping, "
+                             f"else {MIN_IMAGE_SIDE} px")
     parser.add_argument("--rows-per-shard", type=int, default=256)
     args = parser.parse_args(argv)
 
@@ -51,14 +57,22 @@ def main(argv: list[str] | None = None) -> None:
         step = args.step or (crop // 2 if crop else None)
         if not src.is_dir():
             raise JobError(f"--src {src} is not a folder")
-    report = write_shards(src, out, crop_size=crop, step=step, thresh_size=args.thresh_size, min_size=args.min_size,
-                          rows_per_shard=args.rows_per_shard, progress=_progress)
+    try:
+        report = write_shards(src, out, crop_size=crop, step=step, thresh_size=args.thresh_size,
+                              min_size=args.min_size, rows_per_shard=args.rows_per_shard, progress=_progress)
+    except NoUsableImagesError as err:
+        _print_report(err.report)
+        raise JobError(str(err)) from err
+    except ValueError as err:  # a size argument out of range
+        raise JobError(str(err)) from err
+    _print_report(report)
+    print(f"shards: {out}")
+
+
+def _print_report(report: ShardReport) -> None:
     print(report.summary())
     for name, reason in report.skipped:
         print(f"  skipped {name}: {reason}")
-    if report.rows_written == 0:
-        raise JobError(f"no usable images in {src}")
-    print(f"shards: {out}")
 
 
 if __name__ == "__main__":

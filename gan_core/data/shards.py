@@ -12,12 +12,24 @@ or one sub-image:
     tile    string   "y_x" (top-left corner of the sub-image) or "" for a whole image
 
 Sub-images follow BasicSR's scripts/data_preparation/extract_subimages.py, so a
-folder prepared here holds the same crops as BasicSR's DIV2K_train_HR_sub.
+folder prepared here holds the same crops as BasicSR's DIV2K_train_HR_sub. Images
+too small to train on are skipped: with crop_size, those whose shorter side is
+below it (BasicSR's script fails on them; every row is then a full crop), else
+those below MIN_IMAGE_SIDE.
+
+Folders are walked by `scan_image_folder`: hidden names are skipped, symlinks are
+followed, and what cannot be followed (a broken link, a link loop) is reported,
+never looped on.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import stat
+import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -38,6 +50,11 @@ SHARD_SCHEMA = pa.schema(
     ]
 )
 
+MIN_IMAGE_SIDE = 16
+"""Without cropping, images whose shorter side is below this many pixels are skipped. Training cuts
+patches of data.patch_size (at least 8, at least 32 with the default VGG discriminator, 128 by
+default) and leaves out smaller images anyway; below 16 px an image is an icon or a broken export."""
+
 
 @dataclass
 class ShardReport:
@@ -47,7 +64,8 @@ class ShardReport:
         files_read: image files found in the source folder (skipped ones included).
         rows_written: rows (images or sub-images) stored in the shards.
         shard_paths: the shard files written, in order.
-        skipped: (file name, reason) for every image file that produced no row.
+        skipped: (file name, reason) for every image file that produced no row, and for every
+            entry of the folder that could not be followed (broken symlink, symlink loop).
     """
 
     files_read: int = 0
@@ -90,6 +108,41 @@ def subimage_starts(length: int, crop_size: int, step: int, thresh_size: int) ->
     return starts
 
 
+class NoUsableImagesError(ValueError):
+    """write_shards found no image that gives a row; the output folder was left as it was.
+
+    Attributes:
+        report: the ShardReport, with every skipped file and why.
+    """
+
+    def __init__(self, message: str, report: ShardReport):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class FolderScan:
+    """What scan_image_folder found.
+
+    Attributes:
+        files: image files, sorted by path relative to the folder (POSIX separators).
+        unreadable: (path relative to the folder, reason) for each entry that could not be read:
+            broken symlinks, symlinks that resolve to themselves, folders that cannot be listed.
+        not_followed: (path relative to the folder, reason) for each symlinked folder that was not
+            walked because its folder was walked anyway: loops back to a containing folder, and
+            second links to one folder. Nothing under them is missed.
+    """
+
+    files: list[Path] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    not_followed: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[tuple[str, str]]:
+        """unreadable and not_followed together, in that order."""
+        return self.unreadable + self.not_followed
+
+
 def write_shards(
     src_dir: str | Path,
     out_dir: str | Path,
@@ -103,9 +156,16 @@ def write_shards(
 ) -> ShardReport:
     """Convert every image under src_dir (recursive, sorted) into Parquet shards.
 
-    Files are written atomically (temporary name, then os.replace). Shards left
-    in out_dir by an earlier run and not rewritten now are deleted at the end,
-    so the folder always holds exactly this run's data.
+    Nothing in out_dir changes until every row is written. The shards are first
+    written into a hidden staging folder inside out_dir (on the same file system,
+    so moving them is a rename; Parquet readers skip hidden names). Only when at
+    least one row was written are they renamed to part-NNNNN.parquet and the
+    earlier run's shards that were not replaced deleted, so that the folder
+    holds exactly this run's data. On any error, or when no image gave a row,
+    the staging folder is removed and out_dir is as it was (a folder this call
+    created is removed again). A crash during the final renames (a few
+    milliseconds) can leave new shards beside old ones; a crash before them
+    leaves only the hidden staging folder.
 
     Args:
         src_dir: folder of images (suffixes in IMAGE_EXTENSIONS, any case).
@@ -115,15 +175,18 @@ def write_shards(
         step: distance between sub-images; None means crop_size // 2 (BasicSR's
             480 / 240).
         thresh_size: see subimage_starts (BasicSR: 0).
-        min_size: skip images whose shorter side is below this.
+        min_size: skip images whose shorter side is below this; it can only raise
+            the built-in minimum (crop_size when cropping, else MIN_IMAGE_SIDE).
         rows_per_shard: rows per Parquet file.
         progress: called as progress(files_done, files_total) after each file.
 
     Returns:
-        A ShardReport; undecodable and too-small files are listed in `skipped`.
+        A ShardReport; undecodable and too-small files, and entries of src_dir
+        that cannot be followed, are listed in `skipped`.
 
     Raises:
         FileNotFoundError: src_dir is not a folder.
+        NoUsableImagesError: no image gave a row (out_dir is unchanged).
         ValueError: a size argument is out of range.
     """
     src_dir, out_dir = Path(src_dir), Path(out_dir)
@@ -140,10 +203,53 @@ def write_shards(
             f"write_shards: need thresh_size >= 0, min_size >= 0, rows_per_shard >= 1, "
             f"got {thresh_size}, {min_size}, {rows_per_shard}"
         )
-    files = find_image_files(src_dir)
+    scan = scan_image_folder(src_dir)
+    report = ShardReport(files_read=len(scan.files), skipped=list(scan.problems))
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = ShardReport(files_read=len(files))
+    staging = out_dir / f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        staging.mkdir()
+        staged = _write_staged_shards(scan.files, src_dir, staging, report, crop_size=crop_size, step=step,
+                                      thresh_size=thresh_size, min_size=min_size, rows_per_shard=rows_per_shard,
+                                      progress=progress)
+        if report.rows_written == 0:
+            found = (f"{report.files_read} image files, all skipped" if report.files_read
+                     else f"no image files (suffixes {', '.join(IMAGE_EXTENSIONS)}, searched recursively)")
+            raise NoUsableImagesError(f"no usable image in {src_dir}: {found}; nothing written, {out_dir} is as it was",
+                                      report)
+        # The only step that touches what was there: renames within one file system, then deletions.
+        for number, path in enumerate(staged):
+            final = out_dir / f"part-{number:05d}.parquet"
+            os.replace(path, final)
+            report.shard_paths.append(final)
+        _remove_stale_shards(out_dir, keep=report.shard_paths)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not report.shard_paths:
+            _remove_if_empty(out_dir)
+    return report
+
+
+def _write_staged_shards(
+    files: list[Path], src_dir: Path, staging: Path, report: ShardReport, *, crop_size: int | None,
+    step: int | None, thresh_size: int, min_size: int, rows_per_shard: int,
+    progress: Callable[[int, int], None] | None,
+) -> list[Path]:
+    """Decode, cut and write every file's rows into shards in staging; skipped files go into report.
+
+    Returns:
+        The staged shard files, in order (report.rows_written counts their rows).
+    """
+    staged: list[Path] = []
     pending: list[dict] = []
+
+    def flush(rows: list[dict]) -> None:
+        path = staging / f"part-{len(staged):05d}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), path)
+        staged.append(path)
+        report.rows_written += len(rows)
+
     for done, path in enumerate(files, start=1):
         name = path.relative_to(src_dir).as_posix()
         try:
@@ -151,40 +257,150 @@ def write_shards(
         except (ImageDecodeError, OSError) as error:
             report.skipped.append((name, getattr(error, "reason", str(error))))
             img = None
-        if img is not None and min(img.shape[:2]) < min_size:
-            report.skipped.append((name, f"{img.shape[0]}x{img.shape[1]} is smaller than min_size {min_size}"))
-            img = None
-        if img is not None:
+        too_small = None if img is None else _too_small(img.shape[0], img.shape[1], crop_size, min_size)
+        if too_small:
+            report.skipped.append((name, too_small))
+        elif img is not None:
             pending.extend(_rows_of(img, name, crop_size, step, thresh_size))
         while len(pending) >= rows_per_shard:
-            _flush(pending[:rows_per_shard], out_dir, report)
+            flush(pending[:rows_per_shard])
             pending = pending[rows_per_shard:]
         if progress is not None:
             progress(done, len(files))
     if pending:
-        _flush(pending, out_dir, report)
-    _remove_stale_shards(out_dir, keep=report.shard_paths)
-    return report
+        flush(pending)
+    return staged
+
+
+def _too_small(height: int, width: int, crop_size: int | None, min_size: int) -> str | None:
+    """Why an image is too small for the shards, or None when it is not."""
+    built_in = crop_size if crop_size is not None else MIN_IMAGE_SIDE
+    if min(height, width) >= max(built_in, min_size):
+        return None
+    if min_size > built_in:
+        limit = f"min_size {min_size}"
+    elif crop_size is not None:
+        limit = f"crop_size {crop_size}"
+    else:
+        limit = f"the minimum of {MIN_IMAGE_SIDE} px"
+    return f"{width}x{height} px: shorter side below {limit}"
 
 
 def find_image_files(folder: str | Path) -> list[Path]:
-    """Image files under folder (recursive), sorted by relative path; hidden files excluded.
+    """Image files under folder (recursive), sorted by relative path; see scan_image_folder.
+
+    Entries that cannot be followed (broken symlinks, symlink loops, folders that
+    cannot be listed) are skipped with a UserWarning each; use scan_image_folder
+    to get them as a list.
 
     Args:
         folder: the folder to scan.
 
     Returns:
-        Paths whose suffix (any case) is in IMAGE_EXTENSIONS.
+        Paths (folder / relative path) whose suffix, in any case, is in IMAGE_EXTENSIONS.
+
+    Raises:
+        FileNotFoundError: folder does not exist.
+        NotADirectoryError: folder is not a folder.
+    """
+    scan = scan_image_folder(folder)
+    for name, reason in scan.problems:
+        warnings.warn(f"{folder}: skipped {name}: {reason}", UserWarning, stacklevel=2)
+    return scan.files
+
+
+def scan_image_folder(folder: str | Path) -> FolderScan:
+    """Find the image files under folder, recursively, without ever looping or crashing on odd entries.
+
+    - Names starting with "." (files and folders, at any depth) are skipped, silently.
+    - Symlinks are followed, to files and to folders. Each folder is walked once: the
+      real folders first, then the symlinked ones; a symlink back to a folder that
+      contains it (a loop) or to a folder already walked is reported and not followed.
+    - A broken symlink, a symlink the system refuses to resolve (ELOOP: a link to
+      itself, two links to each other) and a subfolder that cannot be listed are
+      reported.
+    - Other files, and entries that are neither file nor folder (sockets, FIFOs),
+      are ignored.
+
+    Args:
+        folder: the folder to scan.
+
+    Returns:
+        A FolderScan: the image files (suffix in IMAGE_EXTENSIONS, any case) as
+        folder / relative path, sorted by relative path, and the problems.
+
+    Raises:
+        FileNotFoundError: folder does not exist.
+        NotADirectoryError: folder is not a folder.
     """
     folder = Path(folder)
-    found = [
-        path
-        for path in folder.rglob("*")
-        if path.is_file()
-        and path.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-    ]
-    return sorted(found, key=lambda path: path.relative_to(folder).as_posix())
+    root = os.stat(folder)
+    if not stat.S_ISDIR(root.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(folder))
+    scan = FolderScan()
+    found: list[tuple[str, Path]] = []
+    root_identity = (root.st_dev, root.st_ino)
+    walked = {root_identity: "."}  # folder identity (device, inode) -> the name it was walked under
+    # Items are (path, name relative to folder, identities of the folders above it). Real folders go on
+    # `folders`, symlinked ones wait on `links` until no real folder is left, so that a real folder is
+    # walked under its own name rather than under a link's.
+    folders = [(folder, "", frozenset([root_identity]))]
+    links: list[tuple[Path, str, frozenset, tuple[int, int]]] = []
+    while folders or links:
+        if not folders:
+            path, name, ancestors, identity = links.pop(0)
+            if identity in ancestors:
+                scan.not_followed.append((name, f"symlink loop: leads back to {walked[identity]}, not followed"))
+            elif identity in walked:
+                scan.not_followed.append((name, f"same folder as {walked[identity]}, already scanned, not followed"))
+            else:
+                walked[identity] = name
+                folders.append((path, name, ancestors | {identity}))
+            continue
+        directory, relative, ancestors = folders.pop()
+        try:
+            with os.scandir(directory) as listing:
+                entries = sorted((entry for entry in listing if not entry.name.startswith(".")),
+                                 key=lambda entry: entry.name)
+        except OSError as error:
+            scan.unreadable.append((relative or ".", f"cannot list folder: {error.strerror or error}"))
+            continue
+        subfolders = []
+        for entry in entries:
+            name = f"{relative}/{entry.name}" if relative else entry.name
+            path = directory / entry.name
+            try:
+                info = entry.stat()  # follows symlinks
+            except OSError as error:
+                scan.unreadable.append((name, _unfollowable(path, error)))
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                identity = (info.st_dev, info.st_ino)
+                if entry.is_symlink():
+                    links.append((path, name, ancestors, identity))
+                elif identity in walked:  # a real folder seen twice: a bind mount
+                    reason = f"same folder as {walked[identity]}, already scanned, not followed"
+                    scan.not_followed.append((name, reason))
+                else:
+                    walked[identity] = name
+                    subfolders.append((path, name, ancestors | {identity}))
+            elif stat.S_ISREG(info.st_mode) and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append((name, path))
+        folders.extend(reversed(subfolders))  # popped in name order
+    scan.files = [path for _, path in sorted(found, key=lambda item: item[0])]
+    return scan
+
+
+def _unfollowable(path: Path, error: OSError) -> str:
+    """Why os.stat failed on a folder entry, for the report."""
+    if not path.is_symlink():
+        return f"cannot read: {error.strerror or error}"
+    if error.errno == errno.ELOOP:
+        return "symlink loop: following the link leads back to it"
+    target = os.readlink(path)
+    if error.errno == errno.ENOENT:
+        return f"broken symlink: {target} does not exist"
+    return f"cannot follow symlink to {target}: {error.strerror or error}"
 
 
 def shard_files(path: str | Path) -> list[Path]:
@@ -263,16 +479,11 @@ def _row(img: np.ndarray, source: str, tile: str) -> dict:
             "source": source, "tile": tile}
 
 
-def _flush(rows: list[dict], out_dir: Path, report: ShardReport) -> None:
-    """Write rows as the next shard file, atomically."""
-    final = out_dir / f"part-{len(report.shard_paths):05d}.parquet"
-    # A dot-prefixed temporary name: readers (pyarrow, Ray) skip it if we crash.
-    temporary = out_dir / f".{final.name}.{os.getpid()}.tmp"
-    table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
-    pq.write_table(table, temporary)
-    os.replace(temporary, final)
-    report.shard_paths.append(final)
-    report.rows_written += len(rows)
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # fails, harmlessly, when something else was put there meanwhile
+    except OSError:
+        pass
 
 
 def _remove_stale_shards(out_dir: Path, keep: list[Path]) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
+import warnings
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -34,6 +37,8 @@ from gan_core.data import (
     write_shards,
 )
 from gan_core.data.demo import package_file
+from gan_core.data.images import ImageTooLargeError, PngWriter
+from gan_core.data.shards import MIN_IMAGE_SIDE, NoUsableImagesError, find_image_files, scan_image_folder
 from tests.gan_core.conftest import random_rgb
 
 torch.set_num_threads(1)
@@ -164,6 +169,78 @@ def test_encode_png_round_trip_and_validation():
         encode_png(image.astype(np.float32))
 
 
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG claiming width x height whose pixel data stops after one row."""
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    one_row = zlib.compress(b"\x00" + bytes(3 * width))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", one_row)
+
+
+def test_max_pixels_refuses_large_images_before_decoding(tmp_path):
+    # The header claims 10000 x 8000 (80 MP) and one row follows: the limit is checked on the header,
+    # before the 240 MB of pixels are allocated and decoded.
+    # (Above 2 * PIL.Image.MAX_IMAGE_PIXELS, about 179 MP, Pillow refuses to open the file at all.)
+    path = tmp_path / "huge.png"
+    path.write_bytes(_png_header_only(10000, 8000))
+    with pytest.raises(ImageTooLargeError, match=r"huge\.png.*10000x8000 = 80,000,000 pixels.*50,000,000") as caught:
+        load_image(path, max_pixels=50_000_000)
+    assert (caught.value.width, caught.value.height, caught.value.max_pixels) == (10000, 8000, 50_000_000)
+    image = random_rgb(6, 7)
+    assert decode_image(encode_png(image), max_pixels=42).shape == (6, 7, 3)  # the limit itself is allowed
+    with pytest.raises(ImageTooLargeError, match="7x6 = 42 pixels"):
+        decode_image(encode_png(image), name="small.png", max_pixels=41)
+
+
+def _pillow_png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")  # what jobs.enhance wrote before streaming
+    return buffer.getvalue()
+
+
+def _png_with_writer(image: np.ndarray, band_rows: int) -> bytes:
+    buffer = io.BytesIO()
+    writer = PngWriter(buffer, image.shape[1], image.shape[0])
+    for top in range(0, image.shape[0], band_rows):
+        writer.write_rows(image[top : top + band_rows])
+    writer.close()
+    return buffer.getvalue()
+
+
+def _smooth_photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Gradients plus a little noise: every PNG filter type wins on some rows."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    noise = np.random.default_rng(seed).integers(-2, 3, (height, width, 3))
+    image = np.stack([xx * 255 // width, yy * 255 // height, (xx * yy) % 256], axis=-1) + noise
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("height,width,band_rows", [(300, 400, 7), (64, 30000, 5), (1, 1, 1), (33, 17, 100)])
+def test_png_writer_matches_pillow(height, width, band_rows):
+    image = _smooth_photo(height, width) if height > 1 else random_rgb(1, 1)
+    written = _png_with_writer(image, band_rows)
+    np.testing.assert_array_equal(decode_image(written), image)  # lossless whatever the zlib
+    from PIL import features
+
+    if features.version("zlib") == zlib.ZLIB_RUNTIME_VERSION:  # the same zlib: the same bytes
+        assert written == _pillow_png(image)
+    # 300x400 and 64x30000 compress to more than one 64 KiB IDAT chunk: the chunking is Pillow's too.
+
+
+def test_png_writer_refuses_wrong_rows():
+    writer = PngWriter(io.BytesIO(), 4, 2)
+    with pytest.raises(ValueError, match="uint8"):
+        writer.write_rows(np.zeros((1, 5, 3), np.uint8))
+    writer.write_rows(np.zeros((1, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="1 of 2 rows"):
+        writer.close()
+    with pytest.raises(ValueError, match="3 rows for an image 2 high"):
+        writer.write_rows(np.zeros((2, 4, 3), np.uint8))
+
+
 # ---------------------------------------------------------------- shards
 
 
@@ -200,7 +277,7 @@ def test_write_shards_round_trip_with_skips(tmp_path, image_folder):
     assert report.files_read == 5
     assert calls[-1] == (5, 5) and len(calls) == 5
     assert sorted(name for name, _ in report.skipped) == ["corrupt.png", "tiny.png"]
-    assert "min_size" in dict(report.skipped)["tiny.png"]
+    assert dict(report.skipped)["tiny.png"] == "10x10 px: shorter side below crop_size 32"
     expected = sum(_basicsr_tile_count(h, w, 32, 16, 0) for h, w in [(70, 100), (45, 50), (40, 36)])
     assert report.rows_written == expected
     assert [p.name for p in report.shard_paths] == [f"part-{i:05d}.parquet" for i in range(-(-expected // 7))]
@@ -224,18 +301,146 @@ def test_write_shards_whole_images_small_tiles_and_stale_shards(tmp_path, image_
     assert len(shard_files(out)) > 2
     report = write_shards(image_folder, out, rows_per_shard=100)
     assert len(shard_files(out)) == 1  # the earlier run's extra shards are gone
+    assert sorted(p.name for p in out.iterdir()) == ["part-00000.parquet"]  # and no staging folder is left
     rows = list(read_shards(out, columns=["source", "tile", "height", "width"]))
     assert [(r["source"], r["tile"], r["height"], r["width"]) for r in rows] == [
         ("deep16.png", "", 40, 36),
         ("good.png", "", 70, 100),
         ("nested/photo.JPG", "", 45, 50),
-        ("tiny.png", "", 10, 10),
     ]
-    assert report.skipped == [("corrupt.png", report.skipped[0][1])]
-    # An image smaller than crop_size becomes one tile of itself.
-    write_shards(image_folder, out, crop_size=64, step=64)
-    tiny = [r for r in read_shards(out, columns=["source", "tile", "height", "width"]) if r["source"] == "tiny.png"]
-    assert tiny == [{"source": "tiny.png", "tile": "0_0", "height": 10, "width": 10}]
+    assert dict(report.skipped)["tiny.png"] == f"10x10 px: shorter side below the minimum of {MIN_IMAGE_SIDE} px"
+    assert sorted(dict(report.skipped)) == ["corrupt.png", "tiny.png"]
+    # Cropping, an image whose shorter side is below crop_size is skipped: every row is a full crop.
+    report = write_shards(image_folder, out, crop_size=64, step=64)
+    rows = list(read_shards(out, columns=["source", "tile", "height", "width"]))
+    assert {r["source"] for r in rows} == {"good.png"} and all(r["height"] == r["width"] == 64 for r in rows)
+    assert sorted(dict(report.skipped)) == ["corrupt.png", "deep16.png", "nested/photo.JPG", "tiny.png"]
+    assert dict(report.skipped)["nested/photo.JPG"] == "50x45 px: shorter side below crop_size 64"
+
+
+def test_write_shards_skips_tiny_images_and_min_size_only_raises_the_floor(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, (height, width) in {"dot.png": (1, 1), "strip.png": (15, 400), "small.png": (16, 16),
+                                  "big.png": (40, 60)}.items():
+        Image.fromarray(random_rgb(height, width)).save(src / name)
+    report = write_shards(src, tmp_path / "whole")
+    assert sorted(r["source"] for r in read_shards(tmp_path / "whole", columns=["source"])) == ["big.png", "small.png"]
+    assert dict(report.skipped) == {"dot.png": "1x1 px: shorter side below the minimum of 16 px",
+                                    "strip.png": "400x15 px: shorter side below the minimum of 16 px"}
+    assert "skipped 2" in report.summary() and "dot.png" in report.summary()
+    # min_size above the floor raises it; below it changes nothing (the 1x1 image is still skipped).
+    report = write_shards(src, tmp_path / "raised", min_size=20)
+    assert dict(report.skipped)["small.png"] == "16x16 px: shorter side below min_size 20"
+    report = write_shards(src, tmp_path / "lowered", min_size=1)
+    assert sorted(dict(report.skipped)) == ["dot.png", "strip.png"]
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under folder (hidden ones too) with its contents."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def existing_shards(tmp_path, image_folder):
+    out = tmp_path / "shards"
+    write_shards(image_folder, out, crop_size=32, step=16, rows_per_shard=4)
+    before = _folder_bytes(out)
+    assert len(before) > 3
+    return out, before
+
+
+@pytest.mark.parametrize("contents", ["empty", "only_bad_files"])
+def test_write_shards_without_usable_images_leaves_existing_shards_alone(tmp_path, existing_shards, contents):
+    out, before = existing_shards
+    src = tmp_path / contents
+    src.mkdir()
+    if contents == "only_bad_files":
+        (src / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+        Image.fromarray(random_rgb(1, 1)).save(src / "dot.png")
+    with pytest.raises(NoUsableImagesError, match=f"no usable image in {src}.*nothing written") as caught:
+        write_shards(src, out, crop_size=32)
+    assert _folder_bytes(out) == before  # byte-identical, nothing added, nothing removed
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)  # no staging folder left either
+    assert caught.value.report.rows_written == 0
+    if contents == "only_bad_files":
+        assert sorted(dict(caught.value.report.skipped)) == ["corrupt.png", "dot.png"]
+    # A new output folder is not left behind either.
+    with pytest.raises(NoUsableImagesError):
+        write_shards(src, tmp_path / "new" / "shards")
+    assert not (tmp_path / "new" / "shards").exists()
+
+
+def test_write_shards_crash_midway_leaves_existing_shards_alone(tmp_path, existing_shards, image_folder, monkeypatch):
+    out, before = existing_shards
+    import gan_core.data.shards as shards_module
+
+    decoded = []
+
+    def decode_then_crash(data, name="<bytes>", **kwargs):
+        if len(decoded) == 3:
+            raise MemoryError("simulated crash after three images")
+        decoded.append(name)
+        return decode_image(data, name=name, **kwargs)
+
+    monkeypatch.setattr(shards_module, "decode_image", decode_then_crash)
+    with pytest.raises(MemoryError, match="simulated"):
+        write_shards(image_folder, out, crop_size=16, step=8, rows_per_shard=2)  # shards were staged before it
+    assert _folder_bytes(out) == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+
+
+# ---------------------------------------------------------------- folder walking
+
+
+@pytest.fixture
+def tangled_folder(tmp_path):
+    """Images beside every kind of link a real folder collects, made for real with os.symlink."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / ".cache").mkdir()
+    for path in (src / "a.png", src / "sub" / "b.png", src / ".cache" / "hidden.png", src / "sub" / ".c.png"):
+        Image.fromarray(random_rgb(20, 20)).save(path)
+    os.symlink("..", src / "sub" / "up")  # a folder loop: sub/up/sub/up/...
+    os.symlink("loop.png", src / "loop.png")  # a link to itself: ELOOP
+    os.symlink("ping", src / "pong")  # two links to each other
+    os.symlink("pong", src / "ping")
+    os.symlink("gone.jpg", src / "broken.jpg")
+    os.symlink("sub", src / "alias")  # a second way into sub: walked once, under its real name
+    os.symlink(src / "a.png", src / "sub" / "a_link.png")  # a link to a file is an image like any other
+    return src
+
+
+def test_scan_image_folder_reports_symlink_loops_and_broken_links(tangled_folder):
+    scan = scan_image_folder(tangled_folder)
+    assert [p.relative_to(tangled_folder).as_posix() for p in scan.files] == ["a.png", "sub/a_link.png", "sub/b.png"]
+    # Unreadable: nothing behind them could be read. Not followed: their folder was walked anyway.
+    assert dict(scan.unreadable) == {
+        "broken.jpg": "broken symlink: gone.jpg does not exist",
+        "loop.png": "symlink loop: following the link leads back to it",
+        "ping": "symlink loop: following the link leads back to it",
+        "pong": "symlink loop: following the link leads back to it",
+    }
+    assert dict(scan.not_followed) == {
+        "alias": "same folder as sub, already scanned, not followed",
+        "sub/up": "symlink loop: leads back to ., not followed",
+    }
+    problems = dict(scan.problems)
+    assert len(problems) == 6
+    # Other callers get the same list as warnings, and the same files.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert find_image_files(tangled_folder) == scan.files
+    assert sorted(str(w.message).split(": skipped ")[1].split(":")[0] for w in caught) == sorted(problems)
+
+
+def test_write_shards_counts_and_names_unfollowable_links(tmp_path, tangled_folder):
+    report = write_shards(tangled_folder, tmp_path / "shards")
+    assert report.files_read == 3 and report.rows_written == 3
+    assert {name for name, _ in report.skipped} == {"broken.jpg", "loop.png", "ping", "pong", "alias", "sub/up"}
+    assert "skipped 6" in report.summary()
+    sources = sorted(r["source"] for r in read_shards(tmp_path / "shards", columns=["source"]))
+    assert sources == ["a.png", "sub/a_link.png", "sub/b.png"]  # hidden files and folders stay out
 
 
 # ---------------------------------------------------------------- imresize

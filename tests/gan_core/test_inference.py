@@ -1,11 +1,19 @@
-"""Tiled inference: equal to a whole-image pass when the overlap covers the receptive field, any size, any scale."""
+"""Tiled inference: equal to a whole-image pass when the overlap covers the receptive field, any size, any scale;
+memory bounded by the tile, not by a float copy of the output."""
+
+import tracemalloc
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from gan_core.evaluation import to_uint8
-from gan_core.inference import enhance_image, enhance_tensor, image_to_tensor, input_multiple
+from gan_core.scoring import to_uint8
+from gan_core.data import decode_image
+from gan_core.data.images import ImageTooLargeError, PngWriter
+from gan_core.inference import enhance_bands, enhance_image, enhance_tensor, image_to_tensor, input_multiple
 from gan_core.models import rrdb_tiny
 
 # rrdb_tiny's receptive radius is about 18 LR pixels (conv_first, 15 dense-block convs, conv_body,
@@ -81,3 +89,120 @@ def test_rejects_bad_tile_settings():
 
 def test_input_multiple_matches_rrdb_unshuffle():
     assert [input_multiple(s) for s in (4, 2, 1)] == [1, 2, 4]
+
+
+@pytest.mark.parametrize("scale", [4, 2, 1])
+def test_tiled_image_equals_whole_image_pixel_for_pixel(scale):
+    generator = tiny(scale)
+    img = np.random.default_rng(scale).integers(0, 256, (37, 29, 3), dtype=np.uint8)
+    whole = enhance_image(generator, img, scale)
+    tiled = enhance_image(generator, img, scale, tile=12, tile_overlap=FULL_CONTEXT)
+    assert tiled.shape == whole.shape == (37 * scale, 29 * scale, 3)
+    # Tiles change float sums in the last bits (about 1e-7); only a value within that of a rounding tie
+    # (x.5 after * 255) could round the other way. Every other pixel must be identical.
+    values = enhance_tensor(generator, image_to_tensor(img), scale)[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255.0
+    at_tie = np.abs(values - np.floor(values) - 0.5) < 1e-3
+    differs = tiled != whole
+    assert not (differs & ~at_tie).any(), f"{differs.sum()} values differ away from rounding ties"
+
+
+@pytest.mark.parametrize("scale", [4, 2, 1])
+def test_bands_round_the_tiled_float_output_exactly(scale):
+    # Rounding tile by tile is rounding the whole: the same tiles give the same bytes as the float path.
+    generator = tiny(scale)
+    img = np.random.default_rng(0).integers(0, 256, (37, 29, 3), dtype=np.uint8)
+    floats = enhance_tensor(generator, image_to_tensor(img), scale, tile=12, tile_overlap=8)  # overlap < RF: seams
+    expected = (floats[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)  # tensor2img
+    np.testing.assert_array_equal(enhance_image(generator, img, scale, tile=12, tile_overlap=8), expected)
+    bands = list(enhance_bands(generator, img, scale, tile=12, tile_overlap=8))
+    # One band per row of tiles; the last is cut where the image ends (37 = 3 * 12 + 1 input rows).
+    assert [len(band) for band in bands] == [12 * scale] * 3 + [1 * scale]
+    np.testing.assert_array_equal(np.concatenate(bands), expected)
+
+
+def test_max_pixels_refuses_larger_images():
+    img = np.zeros((30, 40, 3), np.uint8)
+    with pytest.raises(ImageTooLargeError, match="40x30 = 1,200 pixels, more than max_pixels 1,199"):
+        enhance_image(tiny(4), img, 4, tile=16, max_pixels=1199)
+    with pytest.raises(ImageTooLargeError):
+        enhance_bands(tiny(4), img, 4, tile=16, max_pixels=1199)  # at the call, before any band is computed
+    assert enhance_image(tiny(4), img, 4, tile=16, max_pixels=1200).shape == (120, 160, 3)
+
+
+class ConvShuffle(nn.Module):
+    """A cheap stand-in generator for the memory tests: one 3x3 conv, then a pixel shuffle."""
+
+    def __init__(self, scale: int):
+        super().__init__()
+        self.scale = scale
+        self.conv = nn.Conv2d(3, 3 * scale * scale, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(scale)
+
+    def forward(self, x):
+        return self.shuffle(self.conv(x))
+
+
+class LargestFloatTensor(TorchDispatchMode):
+    """Sees the output of every torch op run inside it and keeps the size of the largest float one."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_leaves(out):
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                self.largest = max(self.largest, value.numel())
+        return out
+
+
+def _photo(size: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size]
+    return np.stack([xx % 256, yy % 256, (xx * yy) % 256], axis=-1).astype(np.uint8)
+
+
+def test_tiled_inference_holds_no_float_copy_of_the_output():
+    # 256x256 at x4: the output has 3.1 M values; as float32 (what enhance_image held before) 12.6 MB,
+    # and rounding it made two more float32 copies in numpy.
+    torch.manual_seed(0)
+    generator = ConvShuffle(4).eval()
+    img = _photo(256)
+    tracemalloc.start()  # sees numpy's buffers (not torch's: LargestFloatTensor watches those)
+    try:
+        with LargestFloatTensor() as torch_ops:
+            out = enhance_image(generator, img, 4, tile=32, tile_overlap=4)
+        _, numpy_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # torch: one tile's activations, (32 + 2 * 4)**2 * 48 values, 2.4% of the output's.
+    assert torch_ops.largest < out.size / 16
+    # numpy: the uint8 output itself and one tile's float32 rounding; a float32 output alone is 4x out.nbytes.
+    assert numpy_peak < 1.5 * out.nbytes
+    # The watcher does see a whole-output float tensor where there is one.
+    with LargestFloatTensor() as control:
+        enhance_tensor(generator, image_to_tensor(img), 4, tile=32, tile_overlap=4)
+    assert control.largest >= out.size
+
+
+def test_bands_streamed_to_png_hold_one_band_not_the_output(tmp_path):
+    # 512x512 at x4: 12.6 MB of uint8 output, written band by band (32 input rows = 128 output rows at a time).
+    torch.manual_seed(0)
+    generator = ConvShuffle(4).eval()
+    img = _photo(512)
+    path = tmp_path / "out.png"
+    tracemalloc.start()
+    try:
+        with open(path, "wb") as file:
+            writer = PngWriter(file, 512 * 4, 512 * 4)
+            for band in enhance_bands(generator, img, 4, tile=32, tile_overlap=4):
+                writer.write_rows(band)
+            writer.close()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    output_bytes = (512 * 4) ** 2 * 3
+    # A band (0.8 MB), one tile's rounding, the PNG filter's buffers and zlib's state: about 2.5 MB.
+    assert peak < output_bytes / 3
+    np.testing.assert_array_equal(decode_image(path.read_bytes()),
+                                  enhance_image(generator, img, 4, tile=32, tile_overlap=4))

@@ -1,10 +1,12 @@
 """jobs.enhance on a real local Ray cluster: actors hold the model, names and formats are kept,
-a corrupt file is skipped and reported while the others are written."""
+a corrupt file is skipped and reported while the others are written, and the exit status says so."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import zlib
 
 import numpy as np
 import pytest
@@ -31,7 +33,8 @@ def photo(height: int, width: int, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """Input folder: PNG, JPEG in a subfolder, upper-case suffix, a corrupt PNG, a truncated JPEG, a text file."""
+    """Input folder: PNG, JPEG in a subfolder, upper-case suffix, a corrupt PNG, a truncated JPEG, a text file,
+    an image over the tests' --max-pixels, a broken symlink and a symlink loop."""
     root = tmp_path_factory.mktemp("enhance")
     inputs = root / "in"
     (inputs / "sub").mkdir(parents=True)
@@ -43,6 +46,9 @@ def folder(tmp_path_factory):
     Image.fromarray(photo(64, 64, 3)).save(jpeg, format="JPEG")
     (inputs / "sub" / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
     (inputs / "notes.txt").write_text("not an image, not reported")
+    Image.fromarray(photo(50, 60, 4)).save(inputs / "big.png")  # 3000 pixels: over --max-pixels 2000 below
+    os.symlink("nowhere.png", inputs / "sub" / "gone.png")
+    os.symlink("..", inputs / "sub" / "up")  # a folder loop: in/sub/up/sub/up/...
     torch.manual_seed(0)
     generator = rrdb_tiny().eval()
     (root / "ckpt").mkdir()
@@ -51,32 +57,61 @@ def folder(tmp_path_factory):
     return root, generator
 
 
-def test_enhances_folder_keeps_names_formats_and_reports_corrupt_files(ray_local, folder, capsys):
-    from jobs.enhance import main
+def test_enhances_folder_keeps_names_formats_and_exits_1_naming_failed_files(ray_local, folder, capsys):
+    from jobs.enhance import EXIT_SOME_FAILED, main
 
     root, generator = folder
     out = root / "out"
-    summary = main(["--model", str(root / "ckpt"), "--input", str(root / "in"), "--output", str(out),
-                    "--tile", "16", "--tile-overlap", "8", "--num-actors", "2", "--report", str(root / "report.json")])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(root / "ckpt"), "--input", str(root / "in"), "--output", str(out), "--tile", "16",
+              "--tile-overlap", "8", "--num-actors", "2", "--max-pixels", "2000",
+              "--report", str(root / "report.json")])
+    assert exit_info.value.code == EXIT_SOME_FAILED == 1
     printed = capsys.readouterr()
+    summary = json.loads((root / "report.json").read_text())  # written before the exit
     assert summary["written"] == 3 and summary["actors"] == 2
-    assert sorted(f["path"] for f in summary["failed"]) == ["corrupt.png", "sub/truncated.jpg"]
-    assert all("ImageDecodeError" in f["error"] for f in summary["failed"])
-    assert "images/s" in printed.out and "skipped corrupt.png" in printed.err
+    failed = {f["path"]: f["error"] for f in summary["failed"]}
+    assert sorted(failed) == ["big.png", "corrupt.png", "sub/gone.png", "sub/truncated.jpg"]
+    assert "ImageDecodeError" in failed["corrupt.png"] and "ImageDecodeError" in failed["sub/truncated.jpg"]
+    assert "60x50 = 3,000 pixels, more than max_pixels 2,000" in failed["big.png"] and "big.png" in failed["big.png"]
+    assert failed["sub/gone.png"] == "broken symlink: nowhere.png does not exist"
+    assert summary["not_followed"] == [{"path": "sub/up", "error": "symlink loop: leads back to ., not followed"}]
+    # The summary is printed without --report: the counts, then every failed file with its reason.
+    assert "written 3, failed 4 (of 7 images)" in printed.out and "images/s" in printed.out
+    for path, error in failed.items():
+        assert f"failed {path}: {error}" in printed.err
+    assert "4 image(s) failed" in printed.err
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert written == ["C.PNG", "a.png", "sub/b.jpg"]  # no temporary files, nothing for the bad ones
     for name, fmt, (h, w) in (("a.png", "PNG", (30, 40)), ("sub/b.jpg", "JPEG", (24, 20)), ("C.PNG", "PNG", (17, 23))):
         with Image.open(out / name) as im:
             assert im.format == fmt and im.size == (w * 4, h * 4)
-    # The actors ran the same tiled inference as a local call (PNG is lossless: bit-exact).
+    # The actors ran the same tiled inference as a local call (PNG is lossless: bit-exact) ...
     expected = enhance_image(generator, load_image(root / "in" / "a.png"), 4, tile=16, tile_overlap=8)
     np.testing.assert_array_equal(load_image(out / "a.png"), expected)
-    report = json.loads((root / "report.json").read_text())
-    assert report["written"] == 3 and [f["path"] for f in report["failed"]] == [f["path"] for f in summary["failed"]]
+    # ... and the streamed PNG holds the bytes Pillow writes for those pixels (as before streaming).
+    from PIL import features
+
+    if features.version("zlib") == zlib.ZLIB_RUNTIME_VERSION:
+        buffer = io.BytesIO()
+        Image.fromarray(expected).save(buffer, format="PNG")
+        assert (out / "a.png").read_bytes() == buffer.getvalue()
+
+
+def test_all_written_returns_the_summary_and_exits_0(ray_local, folder, tmp_path):
+    from jobs.enhance import main
+
+    root, _ = folder
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "a.png").write_bytes((root / "in" / "a.png").read_bytes())
+    summary = main(["--model", str(root / "ckpt"), "--input", str(inputs), "--output", str(tmp_path / "out"),
+                    "--num-actors", "1"])
+    assert summary["written"] == 1 and summary["failed"] == [] and (tmp_path / "out" / "a.png").is_file()
 
 
 def test_bad_arguments_fail_clearly(ray_local, folder, capsys):
-    from jobs.common import run_main
+    from jobs.cli import run_main
     from jobs.enhance import main
 
     root, _ = folder
