@@ -17,27 +17,21 @@ import time
 
 import torch
 
-from gan_core.build import build_state
 from gan_core.config import load_config
-from gan_core.data import PatchSampler, load_shard_images
-from gan_core.step import train_step
+from gan_core.data import load_shard_images
+from gan_core.loop import Hooks, fit, make_sampler, setup_state
 
 
 def plain_loop(recipe: str, overrides: list[str], steps: int, global_batch: int, threads: int) -> float:
-    """img/s of `train_step` in this process, after 5 warm-up steps."""
-    torch.set_num_threads(threads)
-    cfg = load_config(recipe, overrides + [f"data.batch_size={global_batch}"])
-    images = [img for _, img in load_shard_images(cfg.data.train)]
-    sampler = PatchSampler(images, patch_size=cfg.data.patch_size, scale=cfg.generator.scale,
-                           batch_size=global_batch, seed=0)
-    state = build_state(cfg, torch.device("cpu"))
-    batches = iter(sampler)
-    for _ in range(5):
-        train_step(state, batches, cfg)
-    start = time.perf_counter()
-    for _ in range(steps):
-        train_step(state, batches, cfg)
-    return steps * global_batch / (time.perf_counter() - start)
+    """Steady img/s of `gan_core.loop.fit` in this process (the median of its log windows after the first)."""
+    cfg = load_config(recipe, overrides + [f"data.batch_size={global_batch}", "train.log_every=10",
+                                           f"train.val_every={steps + 5}", f"train.ckpt_every={steps + 5}",
+                                           f"train.threads_per_worker={threads}"])
+    state = setup_state(cfg, torch.device("cpu"))
+    sampler = make_sampler(cfg, [img for _, img in load_shard_images(cfg.data.train)])
+    windows: list[float] = []
+    fit(state, iter(sampler), cfg, Hooks(log=lambda means, step: windows.append(means["perf/img_per_s"])))
+    return statistics.median(windows[1:] or windows)
 
 
 def ray_train(recipe: str, overrides: list[str], steps: int, workers: int) -> tuple[float, float]:
@@ -73,7 +67,7 @@ def main() -> None:
     overrides = args.overrides + [f"train.total_steps={steps + 5}", f"train.pretrain_steps={steps + 5}"]
     global_batch = cfg.data.batch_size * args.workers
     cores = os.cpu_count() or 1
-    plain = plain_loop(args.recipe, overrides, steps, global_batch, threads=cores)
+    plain = plain_loop(args.recipe, overrides, steps + 5, global_batch, threads=cores)
     ray_ips, ray_wall = ray_train(args.recipe, overrides, steps + 5, args.workers)
     print()
     print(f"recipe {args.recipe}, {steps} pixel steps, global batch {global_batch}, {cores} cores, "

@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gan_core.checkpoint import load_generator
 from gan_core.config import Config
 from gan_core.losses import LPIPS, VGGFeatureLoss
-from gan_core.models import build_discriminator, build_generator, load_generator
-from gan_core.schedules import build_scheduler
+from gan_core.models import build_discriminator, build_generator
+from gan_core.schedules import build_lr_scheduler
 from gan_core.step import TrainState
 
 
@@ -57,7 +58,7 @@ def build_state(cfg: Config, device: torch.device, init_generator: str | Path | 
     state = TrainState(
         generator=generator,
         g_optimizer=g_optimizer,
-        g_scheduler=build_scheduler(g_optimizer, cfg.schedule, cfg.train.total_steps),
+        g_scheduler=build_lr_scheduler(g_optimizer, cfg.schedule, cfg.train.total_steps),
     )
     if cfg.train.ema_decay > 0:
         state.generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
@@ -68,7 +69,7 @@ def build_state(cfg: Config, device: torch.device, init_generator: str | Path | 
         )
         state.discriminator = discriminator
         state.d_optimizer = d_optimizer
-        state.d_scheduler = build_scheduler(d_optimizer, cfg.schedule, cfg.train.total_steps)
+        state.d_scheduler = build_lr_scheduler(d_optimizer, cfg.schedule, cfg.train.total_steps)
         state.perceptual = build_perceptual(cfg, device)
     return state
 

@@ -1,26 +1,43 @@
-"""Self-describing checkpoints: models, optimizers, schedulers, step, RNG states and the resolved config.
+"""Every file a run writes and reads back: training checkpoints, per-worker sampler states, generator files.
 
-One file, `checkpoint.pt`, written atomically (temp file, fsync, rename), read with
-`torch.load(weights_only=True)` so that loading a checkpoint never runs pickled code.
-`gan_core.models.load_generator` reads the same file to get an inference-ready generator.
+- A training checkpoint is one file, `checkpoint.pt`: models, optimizers, schedulers, step, RNG states and
+  the resolved config. Each DDP worker adds `sampler_rank<N>.pt` next to it (its patch sampler's position).
+- A generator file holds one set of generator weights and the config that rebuilds the network
+  (`{"generator": {"name": "rrdb", ...every constructor argument}}`): what inference, export, the
+  registry and `train.init_from` read. `save_generator` and `export_generator` write one.
+- `load_generator` reads a generator from either of ours, or from a BasicSR / Real-ESRGAN `.pth`.
+
+Every write is atomic (`gan_core.files`), every read `torch.load(weights_only=True)`: loading a file never
+runs pickled code.
 """
 
 from __future__ import annotations
 
-import os
+import pickle
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from gan_core.config import Config, config_from_dict
+from gan_core.files import atomic_torch_save
+from gan_core.models import RRDBNet, build_generator, generator_config
+from gan_core.models.basicsr import pick_state_dict, rrdb_kwargs_from_state_dict, strip_wrapper_prefixes
 from gan_core.step import TrainState, unwrap
 
 CHECKPOINT_FORMAT = "gan_core/1"
 CHECKPOINT_FILE = "checkpoint.pt"
+
+_EXPECTED = (
+    f"expected a {CHECKPOINT_FORMAT!r} checkpoint or generator file (a dict with 'format', 'config', "
+    "'generator') or a BasicSR RRDBNet state dict (plain, or under 'params_ema' / 'params')"
+)
+
+
+# -- RNG ----------------------------------------------------------------------
 
 
 def capture_rng() -> dict[str, Any]:
@@ -46,6 +63,14 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _as_tuple(value: Any) -> Any:
+    # weights_only loading turns tuples into lists in some torch versions; random.setstate wants tuples.
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# -- training checkpoints -------------------------------------------------------
+
+
 def save_checkpoint(path: str | Path, state: TrainState, cfg: Config, extra: dict[str, Any] | None = None) -> Path:
     """Write everything needed to continue training bit for bit.
 
@@ -53,14 +78,13 @@ def save_checkpoint(path: str | Path, state: TrainState, cfg: Config, extra: dic
         path: a directory (the file goes in as `checkpoint.pt`) or a file path.
         state: the run's models and optimizers (DDP/compiled wrappers are unwrapped).
         cfg: the resolved config, stored as plain data.
-        extra: more weights_only-safe data, e.g. the patch sampler's state or the MLflow run id.
+        extra: more weights_only-safe data that belongs to the run, e.g. its MLflow run id.
 
     Returns:
         The path of the written file.
     """
     path = Path(path)
     target = path / CHECKPOINT_FILE if path.suffix != ".pt" else path
-    target.parent.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "config": cfg.model_dump(mode="json"),
@@ -75,44 +99,30 @@ def save_checkpoint(path: str | Path, state: TrainState, cfg: Config, extra: dic
         "rng": capture_rng(),
         "extra": extra or {},
     }
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".checkpoint-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)  # atomic: a reader sees the old file or the new one, never half of one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_torch_save(payload, target)
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint file (or the one inside a directory) as a dict, checking its format.
+    """Load a checkpoint or generator file (or the `checkpoint.pt` inside a directory) as a dict.
 
     Raises:
         FileNotFoundError: nothing at `path`.
         ValueError: the file is not a gan_core checkpoint.
     """
-    path = Path(path)
-    file = path / CHECKPOINT_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"no checkpoint at {file}")
-    payload = torch.load(file, map_location=map_location, weights_only=True)
+    file = _resolve_file(path)
+    payload = _torch_load(file, map_location)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        found = sorted(payload)[:8] if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(f"{file} is not a {CHECKPOINT_FORMAT} checkpoint (found {found})")
+        raise ValueError(f"{file} is not a {CHECKPOINT_FORMAT} checkpoint (found {_describe(payload)})")
     return payload
 
 
 def checkpoint_config(payload: dict[str, Any]) -> Config:
-    """The Config a checkpoint was trained with."""
+    """The Config a training checkpoint was written with."""
     return config_from_dict(payload["config"], source="checkpoint config")
 
 
 def load_checkpoint(path: str | Path, state: TrainState, restore_rng_state: bool = True) -> dict[str, Any]:
-    """Restore `state` in place from a checkpoint; return the checkpoint's `extra` dict.
+    """Restore `state` in place from a training checkpoint; return the checkpoint's `extra` dict.
 
     Raises:
         ValueError: the checkpoint lacks a network that `state` has (e.g. resuming a GAN run
@@ -120,6 +130,9 @@ def load_checkpoint(path: str | Path, state: TrainState, restore_rng_state: bool
     """
     device = next(unwrap(state.generator).parameters()).device
     payload = read_checkpoint(path, map_location=device)
+    if "g_optimizer" not in payload:
+        raise ValueError(f"{path} is a generator file, not a training checkpoint; start from it with "
+                         f"train.init_from={path}")
     unwrap(state.generator).load_state_dict(payload["generator"])
     state.g_optimizer.load_state_dict(payload["g_optimizer"])
     state.g_scheduler.load_state_dict(payload["g_scheduler"])
@@ -137,23 +150,131 @@ def load_checkpoint(path: str | Path, state: TrainState, restore_rng_state: bool
     return payload["extra"]
 
 
-def _as_tuple(value: Any) -> Any:
-    # weights_only loading turns tuples into lists in some torch versions; random.setstate wants tuples.
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+def sampler_file(directory: str | Path, rank: int) -> Path:
+    """Where worker `rank` keeps its patch sampler's state inside a checkpoint directory."""
+    return Path(directory) / f"sampler_rank{rank}.pt"
+
+
+def save_sampler_state(directory: str | Path, rank: int, sampler_state: dict[str, Any]) -> Path:
+    """Write one worker's sampler state next to the checkpoint (atomically)."""
+    return atomic_torch_save(sampler_state, sampler_file(directory, rank))
+
+
+def load_sampler_state(directory: str | Path, rank: int) -> dict[str, Any] | None:
+    """Worker `rank`'s sampler state from a checkpoint directory, or None when it has none."""
+    file = sampler_file(directory, rank)
+    return torch.load(file, weights_only=True) if file.is_file() else None
+
+
+# -- generator files -------------------------------------------------------------
+
+
+def save_generator(path: str | Path, generator: nn.Module, step: int = 0) -> Path:
+    """Write `generator` as a generator file: its weights and the config that rebuilds it, every option included.
+
+    Args:
+        path: the file to write.
+        generator: a generator of `gan_core.models.GENERATORS` (wrappers are unwrapped).
+        step: the training step the weights come from (0 for imported weights).
+
+    Returns:
+        The written path.
+    """
+    model = unwrap(generator)
+    return _write_generator_file(path, generator_config(model), model.state_dict(), step)
 
 
 def export_generator(checkpoint: str | Path, out_file: str | Path, use_ema: bool = True) -> Path:
-    """Write an inference-only checkpoint (config + one generator state dict) from a training checkpoint.
+    """Reduce a training checkpoint to a generator file (the EMA weights when present and `use_ema`).
 
-    `gan_core.models.load_generator` reads the result; it is a fraction of the training checkpoint's size.
+    A fraction of the training checkpoint's size: no discriminator, optimizer states or RNG.
     """
     payload = read_checkpoint(checkpoint)
-    weights = payload["generator_ema"] if use_ema and payload["generator_ema"] is not None else payload["generator"]
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    slim = {"format": CHECKPOINT_FORMAT, "config": payload["config"], "step": payload["step"],
-            "generator": weights, "generator_ema": None}
-    tmp = out_file.with_name(f".{out_file.name}.tmp")
-    torch.save(slim, tmp)
-    os.replace(tmp, out_file)
-    return out_file
+    weights = payload["generator_ema"] if use_ema and payload.get("generator_ema") is not None else payload["generator"]
+    return _write_generator_file(out_file, payload["config"]["generator"], weights, int(payload["step"]))
+
+
+def _write_generator_file(path: str | Path, config: dict[str, Any], weights: dict[str, torch.Tensor],
+                          step: int) -> Path:
+    payload = {"format": CHECKPOINT_FORMAT, "config": {"generator": dict(config)}, "step": step,
+               "generator": weights, "generator_ema": None}
+    return atomic_torch_save(payload, path)
+
+
+def load_generator(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> nn.Module:
+    """Load a generator in eval mode from a training checkpoint, a generator file or a BasicSR `.pth`.
+
+    Args:
+        path: our `checkpoint.pt` (or a directory holding one), a generator file, or a BasicSR-format
+            `.pth` (RRDBNet weights, plain or under "params_ema" / "params"; "module." and "_orig_mod."
+            prefixes are stripped; the architecture is read from the shapes, res_scale is BasicSR's 0.2).
+        device: where to put the weights.
+        use_ema: prefer the EMA weights ("generator_ema" / "params_ema") when the file has them.
+
+    Returns:
+        The generator on `device`, in eval mode, with its weights loaded strictly.
+
+    Raises:
+        FileNotFoundError: the path (or `<dir>/checkpoint.pt`) does not exist.
+        ValueError: the file is neither format; the message shows what it found and what was expected.
+    """
+    file = _resolve_file(path)
+    obj = _torch_load(file, device)
+    if isinstance(obj, dict) and "format" in obj:
+        if obj["format"] != CHECKPOINT_FORMAT:
+            raise ValueError(f"{file}: checkpoint format {obj['format']!r} is not supported; {_EXPECTED}")
+        config = obj.get("config")
+        generator_cfg = config.get("generator") if isinstance(config, dict) else None
+        if not isinstance(generator_cfg, dict):
+            raise ValueError(f"{file}: {CHECKPOINT_FORMAT} file has no config['generator']; found {_describe(obj)}")
+        weights = obj.get("generator_ema") if use_ema else None
+        weights = weights if weights is not None else obj.get("generator")
+        if not isinstance(weights, dict) or not weights:
+            raise ValueError(f"{file}: {CHECKPOINT_FORMAT} file has no 'generator' weights; found {_describe(obj)}")
+        model = build_generator(**generator_cfg)
+    else:
+        weights = pick_state_dict(obj, use_ema)
+        if weights is None:
+            raise ValueError(f"{file}: found {_describe(obj)}; {_EXPECTED}")
+        try:
+            model = RRDBNet(**rrdb_kwargs_from_state_dict(weights))
+        except ValueError as err:
+            raise ValueError(f"{file}: {err}") from err
+    try:
+        model.load_state_dict(strip_wrapper_prefixes(weights), strict=True)
+    except RuntimeError as err:  # missing/unexpected keys or wrong shapes: the file does not match its config
+        raise ValueError(f"{file}: weights do not match {type(model).__name__}: {err}") from err
+    return model.to(device).eval()
+
+
+# -- reading files ----------------------------------------------------------------
+
+
+def _resolve_file(path: str | Path) -> Path:
+    path = Path(path)
+    file = path / CHECKPOINT_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no checkpoint or generator file at {file}")
+    return file
+
+
+def _torch_load(file: Path, map_location: str | torch.device) -> object:
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only refuses arbitrary pickled objects; keep torch's one-line reason, not its advice
+        # to retry with weights_only=False (which would run the file's code).
+        reason = next((line.strip() for line in str(err).splitlines() if "WeightsUnpickler" in line), str(err))
+        raise ValueError(f"{file} holds objects other than tensors and plain containers ({reason}); {_EXPECTED}") from err
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001 - arbitrary bytes fail in many ways (KeyError, EOFError, RuntimeError ...)
+        raise ValueError(f"{file} is not a torch.save file ({type(err).__name__}: {err}); {_EXPECTED}") from err
+
+
+def _describe(obj: object) -> str:
+    if isinstance(obj, dict):
+        keys = [repr(k) for k in list(obj)[:12]]
+        more = f" and {len(obj) - 12} more" if len(obj) > 12 else ""
+        return f"a dict with top-level keys [{', '.join(keys)}{more}]"
+    return f"an object of type {type(obj).__name__}"

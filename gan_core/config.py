@@ -1,13 +1,17 @@
 """The typed schema of one training run, loaded from YAML with dotted overrides.
 
-Every default lives here, once. Loading fails on an unknown key or a wrong type
-with the dotted path of the key and what was expected, before anything is built:
+Every default of a training run lives here, once (model classes keep BasicSR's constructor defaults,
+which a run never relies on: `gan_core.build` passes every argument from here). Loading fails on an
+unknown key, a wrong type or a non-finite number with the dotted path of the key and what was expected,
+before anything is built. A validated Config is frozen; `with_values` makes a changed, revalidated copy:
 
     cfg = load_config("jobs/configs/demo.yaml", ["optim.g_lr=2e-4", "train.total_steps=100"])
+    cfg = cfg.with_values({"run.name": "demo-1"})
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,12 +24,12 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    # Unknown keys are errors (a typo must not silently fall back to a default);
-    # assignment is validated so that sweeps and overrides cannot smuggle in bad values.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors (a typo must not silently fall back to a default); inf and nan are refused
+    # (`optim.g_lr=inf` would train nothing); frozen, so every change goes through validation again.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class GeneratorConfig(_Section):
+class GeneratorSection(_Section):
     """RRDB generator; the fields are RRDBNet's keyword arguments."""
 
     name: Literal["rrdb"] = "rrdb"
@@ -40,7 +44,7 @@ class GeneratorConfig(_Section):
     upsample_skip: Literal["none", "nearest", "bilinear", "bicubic"] = "none"
 
 
-class DiscriminatorConfig(_Section):
+class DiscriminatorSection(_Section):
     """VGG-style (ESRGAN) or U-Net with spectral norm (Real-ESRGAN)."""
 
     name: Literal["vgg", "unet"] = "vgg"
@@ -55,7 +59,7 @@ class DiscriminatorConfig(_Section):
         return {"name": "vgg", "num_feat": self.num_feat, "norm": self.norm, "spectral_norm": self.spectral_norm}
 
 
-class LossConfig(_Section):
+class LossSection(_Section):
     """Loss terms and their weights. A weight of 0 turns a term off."""
 
     pixel: Literal["l1", "charbonnier"] = "l1"
@@ -71,7 +75,7 @@ class LossConfig(_Section):
     r1_weight: float = Field(0.0, ge=0.0)
 
 
-class OptimConfig(_Section):
+class OptimSection(_Section):
     """Adam for G and D (BasicSR's ESRGAN recipe)."""
 
     g_lr: float = Field(1e-4, gt=0.0)
@@ -81,7 +85,7 @@ class OptimConfig(_Section):
     grad_clip: float | None = Field(None, gt=0.0)  # max global L2 norm, per network
 
 
-class ScheduleConfig(_Section):
+class ScheduleSection(_Section):
     """Learning-rate schedule over the run's global step (the same shape for G and D)."""
 
     lr_schedule: Literal["constant", "cosine", "cosine_restarts", "multistep", "one_cycle"] = "constant"
@@ -92,7 +96,7 @@ class ScheduleConfig(_Section):
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)  # floor of cosine schedules, as a fraction of the base LR
 
 
-class DegradationConfig(_Section):
+class DegradationSection(_Section):
     """How LR inputs are made from HR patches. Ranges are (low, high); (0, 0) turns a step off."""
 
     blur_sigma: tuple[float, float] = (0.0, 0.0)
@@ -101,7 +105,7 @@ class DegradationConfig(_Section):
     jpeg_quality: tuple[int, int] | None = None
 
     @model_validator(mode="after")
-    def _ordered(self) -> DegradationConfig:
+    def _ordered(self) -> DegradationSection:
         for key in ("blur_sigma", "noise_sigma", "poisson_scale", "jpeg_quality"):
             value = getattr(self, key)
             if value is not None and value[0] > value[1]:
@@ -111,7 +115,7 @@ class DegradationConfig(_Section):
         return self
 
 
-class DataConfig(_Section):
+class DataSection(_Section):
     """Where the images are and how patches are drawn."""
 
     train: str = "data/demo/train_shards"  # folder of Parquet shards written by jobs.prepare_data
@@ -124,12 +128,12 @@ class DataConfig(_Section):
     # tile: every shard row (tile) equally often, as BasicSR; source: every source photo equally often, so the
     # tiles of one big photo do not dominate a small, mixed data set (needs the shards' `source` column)
     sampling: Literal["tile", "source"] = "tile"
-    degradation: DegradationConfig = Field(default_factory=DegradationConfig)
+    degradation: DegradationSection = Field(default_factory=DegradationSection)
     max_val_images: int | None = Field(None, ge=1)
     val_crop: int | None = Field(None, ge=16)  # centre-crop validation HR images to this size (fast CPU validation)
 
 
-class TrainConfig(_Section):
+class TrainSection(_Section):
     """Phases, precision and cadence of one run."""
 
     total_steps: int = Field(1000, ge=1)  # G steps in all, pretraining included
@@ -148,13 +152,13 @@ class TrainConfig(_Section):
     threads_per_worker: int | None = Field(None, ge=1)  # torch intra-op threads on CPU workers
 
     @model_validator(mode="after")
-    def _phases_fit(self) -> TrainConfig:
+    def _phases_fit(self) -> TrainSection:
         if self.pretrain_steps > self.total_steps:
             raise ValueError(f"pretrain_steps ({self.pretrain_steps}) exceeds total_steps ({self.total_steps})")
         return self
 
 
-class RunConfig(_Section):
+class RunSection(_Section):
     """Tracking and fault tolerance. Plain data here; jobs/ turns it into Ray and MLflow settings."""
 
     name: str | None = None  # rerunning the same name resumes; default: recipe name + time
@@ -169,14 +173,14 @@ class RunConfig(_Section):
 class Config(_Section):
     """A whole training run."""
 
-    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
-    discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
-    loss: LossConfig = Field(default_factory=LossConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    run: RunConfig = Field(default_factory=RunConfig)
+    generator: GeneratorSection = Field(default_factory=GeneratorSection)
+    discriminator: DiscriminatorSection = Field(default_factory=DiscriminatorSection)
+    loss: LossSection = Field(default_factory=LossSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    run: RunSection = Field(default_factory=RunSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -194,37 +198,60 @@ class Config(_Section):
         """Whether any step of this run trains the discriminator."""
         return self.train.pretrain_steps < self.train.total_steps
 
+    def with_values(self, updates: dict[str, Any], source: str = "config") -> Config:
+        """A validated copy with each dotted key set, e.g. `{"run.name": "demo-1", "optim.g_lr": 2e-4}`.
+
+        Raises:
+            ConfigError: the result does not fit the schema.
+        """
+        data = self.model_dump(mode="json")
+        for key, value in updates.items():
+            set_dotted(data, key, value)
+        return config_from_dict(data, source=source)
+
 
 # -- loading -----------------------------------------------------------------
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split `optim.g_lr=2e-4` into (["optim", "g_lr"], 0.0002); the value is read as YAML."""
+def yaml_number(value: Any) -> Any:
+    """YAML 1.1 reads `2e-4` (no dot) as a string; a string that is a number is read as the number meant."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `optim.g_lr=2e-4` into ("optim.g_lr", 0.0002); the value is read as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r}: expected key=value, e.g. optim.g_lr=2e-4")
-    value = yaml.safe_load(raw) if raw.strip() else None
-    # YAML 1.1 reads `2e-4` (no dot) as a string; numbers are what people mean.
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    return key.strip().split("."), value
+    return key.strip(), yaml_number(yaml.safe_load(raw) if raw.strip() else None)
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """`set_dotted(d, "optim.g_lr", 2e-4)` sets d["optim"]["g_lr"]; sections are created when missing.
+
+    Raises:
+        ConfigError: a part of the key names a value, not a section.
+    """
+    *sections, leaf = key.split(".")
+    node = data
+    for section in sections:
+        node = node.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {section} is a value, not a section")
+    node[leaf] = value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of `data` with each dotted `key=value` applied; unknown keys are caught at validation."""
-    result = _deep_copy(data)
+    result = copy.deepcopy(data)
     for text in overrides:
-        path, value = parse_override(text)
-        node = result
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part} is a value, not a section")
-            node = child
-        node[path[-1]] = value
+        key, value = parse_override(text)
+        set_dotted(result, key, value)
     return result
 
 
@@ -233,7 +260,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"{source} is invalid:\n" + "\n".join(_describe(e) for e in err.errors())) from None
+        raise validation_error(err, source, known_keys()) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -293,20 +320,26 @@ def known_keys() -> set[str]:
     return set(flatten(Config().model_dump()))
 
 
-def _describe(error: dict[str, Any]) -> str:
-    path = ".".join(str(p) for p in error["loc"]) or "<top level>"
+def validation_error(err: ValidationError, source: str, keys: set[str] | None = None) -> ConfigError:
+    """One ConfigError listing every problem of a pydantic error by dotted key (the config's and sweep files').
+
+    Args:
+        err: pydantic's error.
+        source: what was validated, for the first line.
+        keys: every dotted key of the schema, to list the valid ones next to an unknown key.
+    """
+    return ConfigError(f"{source} is invalid:\n" + "\n".join(_describe(e, keys or set()) for e in err.errors()))
+
+
+def _describe(error: dict[str, Any], keys: set[str]) -> str:
+    # Union members add their tag to the location (`scheduler.asha.grace_period`), dict keys a `[key]` marker.
+    loc = [str(part) for part in error["loc"] if part != "[key]"]
+    path = ".".join(loc) or "<top level>"
     if error["type"] == "extra_forbidden":
-        parent = ".".join(str(p) for p in error["loc"][:-1])
-        valid = sorted(k.rsplit(".", 1)[-1] for k in known_keys() if k.rsplit(".", 1)[0] == parent) if parent else sorted(Config.model_fields)
-        return f"  {path}: unknown key (valid here: {', '.join(valid)})"
+        parent = ".".join(loc[:-1])
+        valid = sorted({k[len(parent) + 1 :].split(".")[0] for k in keys if k.startswith(f"{parent}.")} if parent
+                       else {k.split(".")[0] for k in keys})
+        return f"  {path}: unknown key" + (f" (valid here: {', '.join(valid)})" if valid else "")
     got = error.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"  {path}: {error['msg']}{shown}"
-
-
-def _deep_copy(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _deep_copy(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_deep_copy(v) for v in data]
-    return data
+    shown = "" if isinstance(got, (dict, list)) or error["type"].startswith("value_error") else f" (got {got!r})"
+    return f"  {path}: {error['msg'].removeprefix('Value error, ')}{shown}"

@@ -1,9 +1,8 @@
 """PSNR and SSIM with BasicSR 1.4.2's exact definitions, on RGB images.
 
-The numpy functions (`psnr`, `ssim`) reproduce `basicsr.metrics.calculate_psnr`
-/ `calculate_ssim` on uint8 images, the ones papers report; the batched tensor
-functions (`psnr_batch`, `ssim_batch`) reproduce `calculate_psnr_pt` /
-`calculate_ssim_pt`, for quick validation on float outputs.
+`psnr` and `ssim` reproduce `basicsr.metrics.calculate_psnr` / `calculate_ssim`
+on uint8 images, the ones papers report (validation rounds outputs to uint8
+first, as BasicSR's `tensor2img` does).
 
 Differences from BasicSR, on purpose: our images are RGB, so the Y channel uses
 the RGB order of the BT.601 coefficients (BasicSR reads BGR with cv2); cv2 is
@@ -12,18 +11,12 @@ not needed (its 11x11 `filter2D` followed by the [5:-5, 5:-5] crop is a
 
 Precision follows BasicSR step by step: the Y conversion runs on float32
 (`img.astype(float32) / 255`, BT.601 dot product, back to float32), everything
-after it in float64. The tensor versions do not quantise: they compare the
-float tensors as given (BasicSR's own validation instead rounds outputs to
-uint8 with `tensor2img` and uses the numpy metrics), and `psnr_batch` adds
-1e-8 to the MSE as `calculate_psnr_pt` does (identical images give 80 dB,
-whereas `psnr` returns inf).
+after it in float64. Identical images give a PSNR of inf, as BasicSR.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 # ITU-R BT.601 luma for RGB input in [0, 1], giving Y in [16, 235].
@@ -47,20 +40,6 @@ def gaussian_kernel(size: int = SSIM_WINDOW_SIZE, sigma: float = SSIM_SIGMA) -> 
     x = np.arange(size, dtype=np.float64) - (size - 1) / 2
     kernel = np.exp(-(x**2) / (2 * sigma**2))
     return kernel / kernel.sum()
-
-
-def gaussian_window(size: int = SSIM_WINDOW_SIZE, sigma: float = SSIM_SIGMA) -> np.ndarray:
-    """2-D SSIM window, the outer product of `gaussian_kernel` with itself (as BasicSR).
-
-    Args:
-        size: Odd window side.
-        sigma: Standard deviation in pixels.
-
-    Returns:
-        (size, size) float64 array summing to 1.
-    """
-    kernel = gaussian_kernel(size, sigma)
-    return np.outer(kernel, kernel)
 
 
 def rgb_to_y(img: np.ndarray) -> np.ndarray:
@@ -182,101 +161,3 @@ def ssim(img: np.ndarray, img2: np.ndarray, crop_border: int = 0, y_channel: boo
 
 
 # --- batched tensor versions (BasicSR's *_pt) --------------------------------
-
-
-def rgb_to_y_batch(images: torch.Tensor) -> torch.Tensor:
-    """Y channel of (N, 3, H, W) RGB in [0, 1], as BasicSR's rgb2ycbcr_pt(y_only=True).
-
-    Args:
-        images: (N, 3, H, W) float tensor in [0, 1].
-
-    Returns:
-        (N, 1, H, W) Y in [16/255, 235/255], in the input's dtype.
-    """
-    weight = torch.tensor(Y_COEFFS_RGB).view(3, 1).to(images)
-    return (torch.matmul(images.permute(0, 2, 3, 1), weight).permute(0, 3, 1, 2) + 16.0) / 255.0
-
-
-def _prepare_batch(
-    pred: torch.Tensor, target: torch.Tensor, crop_border: int, y_channel: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if pred.shape != target.shape:
-        raise ValueError(f"Image shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
-    if pred.dim() != 4 or pred.shape[1] not in (1, 3):
-        raise ValueError(f"Expected (N, 3 or 1, H, W) tensors, got {tuple(pred.shape)}")
-    if crop_border < 0:
-        raise ValueError(f"crop_border must be >= 0, got {crop_border}")
-    if crop_border:
-        pred = pred[:, :, crop_border:-crop_border, crop_border:-crop_border]
-        target = target[:, :, crop_border:-crop_border, crop_border:-crop_border]
-    if y_channel and pred.shape[1] == 3:
-        pred, target = rgb_to_y_batch(pred), rgb_to_y_batch(target)
-    return pred.to(torch.float64), target.to(torch.float64)
-
-
-@torch.no_grad()
-def psnr_batch(pred: torch.Tensor, target: torch.Tensor, crop_border: int = 0, y_channel: bool = False) -> torch.Tensor:
-    """Per-image PSNR of float tensors, as BasicSR 1.4.2's calculate_psnr_pt.
-
-    No quantisation to uint8; 1e-8 is added to the MSE (so identical images
-    give 80 dB, not inf).
-
-    Args:
-        pred: (N, 3, H, W) or (N, 1, H, W) images in [0, 1].
-        target: Same shape.
-        crop_border: Pixels dropped at each edge.
-        y_channel: Compare the BT.601 Y channel only (RGB input).
-
-    Returns:
-        (N,) float64 PSNR in dB, on the input's device.
-
-    Raises:
-        ValueError: Shapes differ or are not (N, 3|1, H, W).
-    """
-    pred, target = _prepare_batch(pred, target, crop_border, y_channel)
-    mse = torch.mean((pred - target) ** 2, dim=[1, 2, 3])
-    return 10.0 * torch.log10(1.0 / (mse + 1e-8))
-
-
-@torch.no_grad()
-def ssim_batch(pred: torch.Tensor, target: torch.Tensor, crop_border: int = 0, y_channel: bool = False) -> torch.Tensor:
-    """Per-image SSIM of float tensors, as BasicSR 1.4.2's calculate_ssim_pt.
-
-    Args:
-        pred: (N, 3, H, W) or (N, 1, H, W) images in [0, 1].
-        target: Same shape.
-        crop_border: Pixels dropped at each edge.
-        y_channel: Compare the BT.601 Y channel only (RGB input).
-
-    Returns:
-        (N,) float64 SSIM (mean over channels and the valid region).
-
-    Raises:
-        ValueError: Shapes differ or are not (N, 3|1, H, W), or the images are
-            smaller than the 11x11 window plus one pixel.
-    """
-    pred, target = _prepare_batch(pred, target, crop_border, y_channel)
-    if min(pred.shape[2:]) <= SSIM_WINDOW_SIZE - 1:
-        raise ValueError(
-            f"SSIM needs images larger than {SSIM_WINDOW_SIZE - 1} px per side, got {tuple(pred.shape[2:])}"
-        )
-    pred, target = pred * 255.0, target * 255.0
-    channels = pred.shape[1]
-    kernel = torch.from_numpy(gaussian_kernel()).to(pred)
-    # Separable window (BasicSR convolves with the 11x11 outer product; two
-    # 1-D passes give the same sums up to float64 rounding, 5x cheaper).
-    kernel_h = kernel.view(1, 1, SSIM_WINDOW_SIZE, 1).expand(channels, 1, SSIM_WINDOW_SIZE, 1)
-    kernel_w = kernel.view(1, 1, 1, SSIM_WINDOW_SIZE).expand(channels, 1, 1, SSIM_WINDOW_SIZE)
-
-    def filt(x: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(x, kernel_h, groups=channels)  # valid mode, as BasicSR's padding=0
-        return F.conv2d(x, kernel_w, groups=channels)
-
-    mu1, mu2 = filt(pred), filt(target)
-    mu1_sq, mu2_sq, mu1_mu2 = mu1.pow(2), mu2.pow(2), mu1 * mu2
-    sigma1_sq = filt(pred * pred) - mu1_sq
-    sigma2_sq = filt(target * target) - mu2_sq
-    sigma12 = filt(pred * target) - mu1_mu2
-    cs_map = (2 * sigma12 + SSIM_C2) / (sigma1_sq + sigma2_sq + SSIM_C2)
-    ssim_map = ((2 * mu1_mu2 + SSIM_C1) / (mu1_sq + mu2_sq + SSIM_C1)) * cs_map
-    return ssim_map.mean(dim=[1, 2, 3])

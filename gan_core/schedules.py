@@ -11,30 +11,30 @@ from typing import Callable
 
 import torch
 
-from gan_core.config import ScheduleConfig
+from gan_core.config import ScheduleSection
 
 
-def constant(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
+def constant(step: int, total_steps: int, cfg: ScheduleSection) -> float:
     return 1.0
 
 
-def cosine(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
+def cosine(step: int, total_steps: int, cfg: ScheduleSection) -> float:
     span = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, max(0, step - cfg.warmup_steps) / span)
     return _cosine_between(progress, cfg.min_lr_ratio)
 
 
-def cosine_restarts(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
+def cosine_restarts(step: int, total_steps: int, cfg: ScheduleSection) -> float:
     period = cfg.restart_period or max(1, (total_steps - cfg.warmup_steps) // 4)
     progress = (max(0, step - cfg.warmup_steps) % period) / period
     return _cosine_between(progress, cfg.min_lr_ratio)
 
 
-def multistep(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
+def multistep(step: int, total_steps: int, cfg: ScheduleSection) -> float:
     return cfg.gamma ** sum(1 for milestone in cfg.milestones if step >= milestone)
 
 
-def one_cycle(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
+def one_cycle(step: int, total_steps: int, cfg: ScheduleSection) -> float:
     # Up from base/25 over the warmup (30% of the run when none is set), then cosine down to ~0.
     rise = cfg.warmup_steps or max(1, int(0.3 * total_steps))
     if step < rise:
@@ -43,7 +43,7 @@ def one_cycle(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
     return _cosine_between(progress, max(cfg.min_lr_ratio, 1e-4))
 
 
-LR_SCHEDULES: dict[str, Callable[[int, int, ScheduleConfig], float]] = {
+LR_SCHEDULES: dict[str, Callable[[int, int, ScheduleSection], float]] = {
     "constant": constant,
     "cosine": cosine,
     "cosine_restarts": cosine_restarts,
@@ -52,7 +52,7 @@ LR_SCHEDULES: dict[str, Callable[[int, int, ScheduleConfig], float]] = {
 }
 
 
-def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
+def lr_factor(step: int, total_steps: int, cfg: ScheduleSection) -> float:
     """The LR multiplier at `step`: linear warmup (one-cycle has its own), then the named schedule.
 
     Raises:
@@ -65,8 +65,8 @@ def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
     return LR_SCHEDULES[cfg.lr_schedule](step, total_steps, cfg)
 
 
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleSection, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR that follows `lr_factor`; call `.step()` once per G step."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))

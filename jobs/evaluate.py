@@ -19,18 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from gan_core.data import IMAGE_EXTENSIONS, ImageDecodeError, load_image, load_shard_images
-from gan_core.evaluation import center_crop, evaluate_images, mean_metrics
-from jobs.common import JobError, check_tracking_server, resolve_tracking_uri, run_main
-from jobs.model_source import MODEL_HELP
+from jobs.cli import JobError, run_main
+from jobs.tracking.model_source import MODEL_HELP
+from jobs.tracking.server import TRACKING_HELP
 
 TABLE_ROWS = (  # (label, model key, bicubic key)
     ("PSNR-Y (dB)", "psnr_y", "bicubic_psnr_y"),
@@ -39,63 +36,6 @@ TABLE_ROWS = (  # (label, model key, bicubic key)
     ("SSIM RGB", "ssim", None),
     ("LPIPS (lower is better)", "lpips", None),
 )
-
-
-def load_eval_images(path: str | Path, max_images: int | None = None, crop: int | None = None,
-                     ) -> list[tuple[str, np.ndarray]]:
-    """HR images from a folder of images (recursive) or of Parquet shards, sorted, optionally centre-cropped.
-
-    Unreadable files are skipped with a warning on stderr.
-
-    Raises:
-        JobError: the folder does not exist or holds no readable image.
-    """
-    root = Path(path)
-    if not root.exists():
-        raise JobError(f"--data {root}: no such folder (try `python -m jobs.prepare_data --demo`, then data/demo/val)")
-    if (root.is_file() and root.suffix == ".parquet") or (root.is_dir() and any(root.glob("*.parquet"))):
-        named = load_shard_images(root)
-    else:
-        named = []
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        for file in files:
-            try:
-                named.append((file.name, load_image(file)))
-            except ImageDecodeError as err:
-                print(f"skipping evaluation image: {err}", file=sys.stderr)
-    named = named[:max_images]
-    if not named:
-        raise JobError(f"--data {root}: holds no readable images")
-    return [(name, center_crop(img, crop)) for name, img in named]
-
-
-def build_lpips(weights_path: str | None) -> tuple[torch.nn.Module | None, str | None]:
-    """The LPIPS metric, or (None, why) when its backbone weights are not on this machine."""
-    from gan_core.losses import LPIPS
-    from gan_core.weights import MissingWeightsError
-
-    try:
-        return LPIPS(net="alex", weights_path=weights_path), None
-    except MissingWeightsError as err:
-        return None, f"LPIPS skipped: {str(err).splitlines()[0]}"
-
-
-def pick_device(name: str | None) -> torch.device:
-    """`--device`, else CUDA when present, else CPU."""
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def evaluate_generator(generator: torch.nn.Module, images: list[np.ndarray], scale: int, device: torch.device,
-                       lpips: torch.nn.Module | None = None) -> dict[str, float]:
-    """Mean metrics of `generator` on HR `images` (see gan_core.evaluation), plus `images`, the count."""
-    generator = generator.to(device).eval()
-    if lpips is not None:
-        lpips = lpips.to(device)
-    means = mean_metrics(evaluate_images(generator, images, scale, device, lpips=lpips))
-    means["images"] = float(len(images))
-    return means
 
 
 def checked_scale(generator: torch.nn.Module, requested: int | None) -> int:
@@ -124,16 +64,6 @@ def format_table(means: dict[str, float], title: str) -> str:
     return "\n".join(lines)
 
 
-def describe_evaluation(means: dict[str, float], data: str, run_id: str | None) -> str:
-    """One line for the version's description: the held-out numbers against bicubic."""
-    text = (f"held-out {data} ({int(means.get('images', 0))} images): PSNR-Y {means['psnr_y']:.3f} dB "
-            f"(bicubic {means['bicubic_psnr_y']:.3f}), SSIM-Y {means['ssim_y']:.4f} "
-            f"(bicubic {means['bicubic_ssim_y']:.4f})")
-    if "lpips" in means:
-        text += f", LPIPS {means['lpips']:.4f}"
-    return text + (f"; from run {run_id}" if run_id else "")
-
-
 def metric_prefix(data: str | Path) -> str:
     """`eval/<data folder name>`: MLflow metric keys allow letters, digits and _-./ only."""
     name = re.sub(r"[^A-Za-z0-9_.\-]", "_", Path(data).resolve().name) or "data"
@@ -155,7 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lpips-weights",
                         help="AlexNet backbone file or folder for LPIPS (else $GAN_CORE_WEIGHTS_DIR, hub cache)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.add_argument("--tracking-uri", help=TRACKING_HELP)
     return parser.parse_args(argv)
 
 
@@ -164,15 +94,17 @@ def main(argv: list[str] | None = None) -> dict:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from gan_core.models import load_generator
-    from jobs.model_source import is_mlflow_uri, resolve_model
+    from gan_core.checkpoint import load_generator
+    from gan_core.scoring import evaluate_generator, load_eval_images, load_lpips, pick_device
+    from jobs.tracking.model_source import is_mlflow_uri, resolve_model
+    from jobs.tracking.server import connect
 
     args = parse_args(argv)
-    tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    if is_mlflow_uri(args.model) or args.run_id:
-        check_tracking_server(tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
-    images = [img for _, img in load_eval_images(args.data, args.max_images, args.crop)]
+    connect(args.tracking_uri, check=is_mlflow_uri(args.model) or bool(args.run_id))
+    try:
+        images = [img for _, img in load_eval_images(args.data, args.max_images, args.crop)]
+    except FileNotFoundError as err:
+        raise JobError(f"--data {err} (try `python -m jobs.prepare_data --demo`, then data/demo/val)") from err
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
         source = resolve_model(args.model, tmp)
@@ -181,8 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
         except ValueError as err:
             raise JobError(f"--model {args.model}: {err}") from err
     scale = checked_scale(generator, args.scale)
-    lpips, lpips_note = build_lpips(args.lpips_weights)
-    means = evaluate_generator(generator, images, scale, device, lpips)
+    lpips, lpips_note = load_lpips(args.lpips_weights)
+    means = evaluate_generator(generator, images, device, lpips)
     result = {"model": args.model, "data": str(args.data), "scale": scale, "images": len(images), "metrics": means,
               "notes": [lpips_note] if lpips_note else []}
     run_id = None if args.no_log else (args.run_id or source.run_id)

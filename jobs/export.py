@@ -8,12 +8,13 @@ On a cluster:
         python -m jobs.export --model models:/esrgan-x4@champion --data /shared/val --output /shared/exported \
         --tracking-uri http://<head>:5000
 
-Writes `generator.onnx` and `generator_int8.pt` (see gan_core.export) into --output and prints:
+Writes `generator.onnx` and `generator_int8.pt` (see gan_core.deploy) into --output and prints:
 - the ONNX parity: max |onnxruntime - PyTorch| over the validation inputs at their own sizes (so the
   dynamic H and W are exercised), which must stay below --onnx-tolerance;
 - the int8 model's size against fp32 and its PSNR / SSIM change on the validation images. The
-  activation ranges are calibrated on --calib-data (default: the --data images, as the issue asks:
-  report the change on the images it was calibrated on; pass a separate folder to avoid that bias).
+  activation ranges are calibrated on --calib-data (default: the --data images, so the change is measured
+  on the images it was calibrated on; pass a separate folder to avoid that bias). The int8 file stores the
+  generator's full config, so every option (res_scale, upsample_skip) survives the round trip.
 The export runs on the CPU (int8 kernels are CPU kernels; ONNX export traces on the CPU).
 """
 
@@ -26,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from jobs.common import JobError, check_tracking_server, resolve_tracking_uri, run_main
-from jobs.model_source import MODEL_HELP
+from jobs.cli import JobError, run_main
+from jobs.tracking.model_source import MODEL_HELP
+from jobs.tracking.server import TRACKING_HELP
 
 
 def lr_inputs(images, scale: int) -> list[torch.Tensor]:
@@ -43,7 +45,7 @@ def export_onnx_checked(generator, images, scale: int, out_file: Path, tolerance
     Raises:
         JobError: the difference exceeds `tolerance`, or onnxruntime is missing.
     """
-    from gan_core.export import export_onnx, onnx_max_abs_diff
+    from gan_core.deploy import export_onnx, onnx_max_abs_diff
 
     export_onnx(generator, out_file)
     inputs = lr_inputs(images, scale)
@@ -62,12 +64,12 @@ def export_onnx_checked(generator, images, scale: int, out_file: Path, tolerance
 def export_int8(generator, images, calib_images, scale: int, out_file: Path, backend: str,
                 keep_float: tuple[str, ...] = ()) -> dict:
     """Quantize (calibrated on `calib_images`), save, and score fp32 against int8 on `images`."""
-    from gan_core.evaluation import evaluate_images, mean_metrics
-    from gan_core.export import generator_kwargs, quantize_int8, save_int8, serialized_size
+    from gan_core.deploy import quantize_int8, save_int8, serialized_size
+    from gan_core.scoring import evaluate_images, mean_metrics
 
     cpu = torch.device("cpu")
     quantized = quantize_int8(generator, lr_inputs(calib_images, scale), backend=backend, keep_float=keep_float)
-    save_int8(quantized, generator_kwargs(generator), out_file, backend=backend, keep_float=keep_float)
+    save_int8(quantized, generator, out_file, backend=backend, keep_float=keep_float)
     fp32 = mean_metrics(evaluate_images(generator, images, scale, cpu))
     int8 = mean_metrics(evaluate_images(quantized, images, scale, cpu))
     sizes = {"fp32_bytes": serialized_size(generator), "int8_bytes": serialized_size(quantized)}
@@ -100,7 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-float", nargs="*", default=[], metavar="MODULE",
                         help="modules left in float (e.g. conv_first conv_last) when int8 costs too much PSNR")
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON object")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.add_argument("--tracking-uri", help=TRACKING_HELP)
     args = parser.parse_args(argv)
     if args.no_onnx and args.no_int8:
         parser.error("--no-onnx and --no-int8 together leave nothing to export")
@@ -109,21 +111,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     """Export and check; returns {"onnx": ..., "int8": ...}."""
-    import mlflow
-
-    from gan_core.models import load_generator
-    from jobs.evaluate import load_eval_images
-    from jobs.model_source import is_mlflow_uri, resolve_model
+    from gan_core.checkpoint import load_generator
+    from gan_core.scoring import load_eval_images
+    from jobs.tracking.model_source import is_mlflow_uri, resolve_model
+    from jobs.tracking.server import connect
 
     args = parse_args(argv)
-    tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    if is_mlflow_uri(args.model):
-        check_tracking_server(tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
-    images = [img for _, img in load_eval_images(args.data, args.max_images, args.crop)]
-    calib = images
-    if args.calib_data:
-        calib = [img for _, img in load_eval_images(args.calib_data, args.max_images, args.crop)]
+    connect(args.tracking_uri, check=is_mlflow_uri(args.model))
+    try:
+        images = [img for _, img in load_eval_images(args.data, args.max_images, args.crop)]
+        calib = images
+        if args.calib_data:
+            calib = [img for _, img in load_eval_images(args.calib_data, args.max_images, args.crop)]
+    except FileNotFoundError as err:
+        raise JobError(f"--data / --calib-data {err}") from err
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         source = resolve_model(args.model, tmp)
         try:

@@ -2,32 +2,39 @@
 
 Locally:
     python -m jobs.import_weights --basicsr weights/RealESRGAN_x4plus.pth --registered-model esrgan-x4 \
-        [--data data/demo/val] [--alias baseline]
+        [--data data/demo/val] [--alias baseline --min-gain-db -1.0]
 On a cluster:
     ray job submit --address http://<head>:8265 --working-dir . -- \
         python -m jobs.import_weights --basicsr /shared/weights/ESRGAN_x4.pth --registered-model esrgan-x4 \
         --tracking-uri http://<head>:5000
 
 The file (plain state dict, or `params_ema` / `params`) is checked by loading it into RRDBNet, whose
-architecture is read from the weights' shapes; it is stored as a slim gan_core checkpoint (one set of
+architecture is read from the weights' shapes; it is stored as a generator file (one set of
 weights, the config that rebuilds the network) inside a pyfunc model logged to a run of --experiment,
 then registered. With --data, the held-out evaluation is attached (`eval.*` tags) so that
 `jobs.promote` and users can compare against it. The version is tagged with the file's SHA-256:
 importing the same file twice returns the existing version. Nothing is downloaded: fetch the file
 yourself (e.g. from the Real-ESRGAN releases page) and pass its path.
+
+With --alias (which needs --data), the alias moves only through the same promotion gate and registry
+lock as `jobs.promote` (`jobs.tracking.registry.gated_alias_move`): finite outputs on every held-out
+image, a PSNR-Y gain over bicubic above --min-gain-db (default 0 dB; GAN-trained weights such as
+Real-ESRGAN's often score below bicubic, so a baseline alias for them needs a negative floor), and no
+regression against the alias holder. When the gate refuses, the version is still registered (with its
+`promotion.*` tags), the alias stays where it was, and the command exits with status 1; usage errors
+(missing file, --alias without --data) exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
-from gan_core.checkpoint import CHECKPOINT_FORMAT
-from jobs.common import JobError, check_tracking_server, resolve_tracking_uri, run_main
+from jobs.cli import JobError, run_main
+from jobs.tracking.server import TRACKING_HELP
 
 DEFAULT_EXPERIMENT = "imported-weights"
 
@@ -42,7 +49,7 @@ def sha256(path: Path) -> str:
 
 
 def convert_basicsr(path: Path, out_file: Path, use_ema: bool = True) -> tuple[Path, dict]:
-    """Check a BasicSR .pth by loading it, and write it as a slim gan_core checkpoint.
+    """Check a BasicSR .pth by loading it, and write it as a generator file (`gan_core.checkpoint.save_generator`).
 
     Args:
         path: the .pth file.
@@ -50,13 +57,13 @@ def convert_basicsr(path: Path, out_file: Path, use_ema: bool = True) -> tuple[P
         use_ema: prefer `params_ema` over `params` when the file has both.
 
     Returns:
-        (out_file, the RRDBNet constructor arguments).
+        (out_file, the generator's config: name and every constructor argument).
 
     Raises:
         JobError: missing file, or not RRDBNet weights (the message says what was found).
     """
-    from gan_core.export import generator_kwargs
-    from gan_core.models import load_generator
+    from gan_core.checkpoint import load_generator, save_generator
+    from gan_core.models import generator_config
 
     try:
         generator = load_generator(path, use_ema=use_ema)
@@ -64,12 +71,7 @@ def convert_basicsr(path: Path, out_file: Path, use_ema: bool = True) -> tuple[P
         raise JobError(f"--basicsr {path}: no such file") from err
     except ValueError as err:
         raise JobError(f"--basicsr {err}") from err
-    kwargs = generator_kwargs(generator)
-    payload = {"format": CHECKPOINT_FORMAT, "config": {"generator": {"name": "rrdb", **kwargs}}, "step": 0,
-               "generator": generator.state_dict(), "generator_ema": None}
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, out_file)
-    return out_file, kwargs
+    return save_generator(out_file, generator), generator_config(generator)
 
 
 def existing_import(client, name: str, digest: str):
@@ -90,46 +92,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", help="held-out HR images: evaluate and attach the numbers to the version")
     parser.add_argument("--max-images", type=int)
     parser.add_argument("--crop", type=int)
-    parser.add_argument("--alias", help="also point this alias at the new version (e.g. baseline); "
-                        "use jobs.promote for the gated champion alias")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.add_argument("--alias", help="also point this alias at the new version (e.g. baseline) if it passes "
+                        "the promotion gate against the holder; needs --data")
+    parser.add_argument("--min-gain-db", type=float, default=0.0,
+                        help="with --alias: required held-out PSNR-Y gain over bicubic, in dB (default 0)")
+    parser.add_argument("--min-improvement", type=float, default=0.0,
+                        help="with --alias: required PSNR-Y margin over the alias holder, in dB")
+    parser.add_argument("--tracking-uri", help=TRACKING_HELP)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Import the weights; returns {"version", "run_id", "generator", "metrics"}."""
+    """Import the weights; returns {"version", "run_id", "generator", "metrics", "decision"}.
+
+    "decision" is "promoted" or "refused" with --alias (the gate's reason is in "reason"), else None.
+
+    Raises:
+        JobError: a usage error (missing file, --alias without --data, not RRDBNet weights, bad --data).
+    """
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from jobs.evaluate import describe_evaluation, evaluate_generator, load_eval_images, pick_device
-    from jobs.promote import register_version
-    from jobs.pyfunc_model import log_generator_model
+    from jobs.tracking.model_source import resolve_model
+    from jobs.tracking.pyfunc import log_generator_model
+    from jobs.tracking.registry import describe_evaluation, gated_alias_move, register_version
+    from jobs.tracking.server import connect
 
     args = parse_args(argv)
     path = Path(args.basicsr)
     if not path.is_file():
         raise JobError(f"--basicsr {path}: no such file")
-    tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    check_tracking_server(tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
+    if args.alias and not args.data:
+        raise JobError(f"--alias {args.alias} needs --data: the alias only moves to weights that pass the "
+                       f"promotion gate on held-out images")
+    client = MlflowClient(connect(args.tracking_uri))
     digest = sha256(path)
     found = existing_import(client, args.registered_model, digest)
     if found is not None:
-        print(f"{path} (sha256 {digest[:12]}) is already {args.registered_model} version {found.version}")
-        return {"version": found.version, "run_id": found.run_id, "existing": True}
+        print(f"{path} (sha256 {digest[:12]}) is already {args.registered_model} version {found.version}"
+              + (f"; @{args.alias} not moved" if args.alias else ""))
+        return {"version": found.version, "run_id": found.run_id, "existing": True, "decision": None}
     with tempfile.TemporaryDirectory(prefix="import-") as tmp:
         slim, kwargs = convert_basicsr(path, Path(tmp) / "generator.pt", use_ema=not args.use_params)
-        metrics = {}
+        metrics, images = {}, []
         if args.data:
-            from gan_core.models import load_generator
+            from gan_core.scoring import load_eval_images
 
-            images = [img for _, img in load_eval_images(args.data, args.max_images, args.crop)]
-            device = pick_device(None)
-            metrics = evaluate_generator(load_generator(slim, device=device), images, kwargs["scale"], device)
+            try:
+                images = [img for _, img in load_eval_images(args.data, args.max_images, args.crop)]
+            except FileNotFoundError as err:
+                raise JobError(f"--data {err}") from err
+            metrics = _evaluate(slim, images)
         mlflow.set_experiment(args.experiment)
         with mlflow.start_run(run_name=f"import-{path.stem}", tags={"source": "basicsr"}) as run:
-            mlflow.log_params({**{f"generator.{k}": v for k, v in kwargs.items()}, "source_file": str(path.resolve()),
+            mlflow.log_params({**{f"generator.{k}": v for k, v in kwargs.items() if k != "name"},
+                               "source_file": str(path.resolve()),
                                "source_sha256": digest,
                                "weights": "params" if args.use_params else "params_ema|params"})
             if metrics:
@@ -142,17 +159,50 @@ def main(argv: list[str] | None = None) -> dict:
         description = (f"imported from {path.name} (BasicSR format); "
                        + (describe_evaluation(metrics, args.data, None) if metrics else "not evaluated"))
         mv = register_version(client, args.registered_model, info.model_uri, tags, description=description)
-    if args.alias:
-        client.set_registered_model_alias(args.registered_model, args.alias, mv.version)
-    arch = ", ".join(f"{k}={v}" for k, v in kwargs.items())
-    print(f"imported {path.name} as {args.registered_model} version {mv.version} (READY): RRDBNet({arch})")
-    if metrics:
-        print(f"held-out PSNR-Y {metrics['psnr_y']:.3f} dB (bicubic {metrics['bicubic_psnr_y']:.3f}) on {args.data}")
-    if args.alias:
-        print(f"{args.registered_model}@{args.alias} -> version {mv.version}")
-    return {"version": mv.version, "run_id": run.info.run_id, "generator": kwargs, "metrics": metrics,
-            "existing": False}
+        arch = ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "name")
+        print(f"imported {path.name} as {args.registered_model} version {mv.version} (READY): RRDBNet({arch})")
+        if metrics:
+            print(f"held-out PSNR-Y {metrics['psnr_y']:.3f} dB (bicubic {metrics['bicubic_psnr_y']:.3f}) "
+                  f"on {args.data}")
+        result = {"version": mv.version, "run_id": run.info.run_id, "generator": kwargs, "metrics": metrics,
+                  "existing": False, "decision": None}
+        if args.alias:
+            holders: dict[str, dict[str, float]] = {}
+
+            def score_version(version: str) -> dict[str, float]:
+                # The holder, on the same images (any generator format the registry holds).
+                if version not in holders:
+                    source = resolve_model(f"models:/{args.registered_model}/{version}", Path(tmp) / f"v{version}")
+                    holders[version] = _evaluate(source.path, images)
+                return holders[version]
+
+            verdict = gated_alias_move(client, args.registered_model, args.alias, mv.version, metrics, score_version,
+                                       metric="psnr_y", min_improvement=args.min_improvement,
+                                       min_gain_db=args.min_gain_db)
+            if verdict.promote:
+                print(f"PROMOTED: {args.registered_model}@{args.alias} -> version {mv.version}: {verdict.reason}")
+            else:
+                holder = verdict.holder_version
+                print(f"REFUSED: {args.registered_model} version {mv.version}: {verdict.reason}; @{args.alias} "
+                      + (f"stays on version {holder}" if holder else "stays unset"))
+            result.update(decision="promoted" if verdict.promote else "refused", reason=verdict.reason)
+    return result
+
+
+def _evaluate(generator_file: Path, images: list) -> dict[str, float]:
+    """Held-out means of a generator file, with `nonfinite_images` (what the promotion gate reads)."""
+    from gan_core.checkpoint import load_generator
+    from gan_core.scoring import evaluate_generator_checked, pick_device
+
+    device = pick_device()
+    return evaluate_generator_checked(load_generator(generator_file, device=device), images, device)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """The command line: `main`, then exit status 1 when the gate refused to move --alias."""
+    if main(argv)["decision"] == "refused":
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(cli)

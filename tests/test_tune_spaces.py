@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from jobs.tune_space import PbtScheduler, build_param_space, check_samples, load_space, resolve_base_config
+from jobs.sweeps.space import PbtScheduler, build_param_space, check_samples, load_space, resolve_base_config
 
 SPACES = sorted((Path(__file__).resolve().parents[1] / "tune_spaces").glob("*.yaml"))
 
 
-def test_the_issue_spaces_ship():
+def test_the_documented_spaces_ship():
     assert {"esrgan_asha.yaml", "esrgan_pbt.yaml", "demo_asha.yaml"} <= {path.name for path in SPACES}
 
 
@@ -25,7 +25,7 @@ def test_space_loads_and_every_bound_makes_a_valid_config(path):
     assert f"python -m jobs.tune --space tune_spaces/{path.name}" in header, "the header comment gives the command"
 
 
-def test_esrgan_spaces_search_what_the_issue_asks():
+def test_esrgan_spaces_search_schedules_penalties_and_res_scale():
     asha = load_space(SPACES[0].parent / "esrgan_asha.yaml")
     assert asha.scheduler.name == "asha" and asha.metric == "val/psnr_y"
     assert {"schedule.lr_schedule", "schedule.warmup_steps", "optim.g_lr", "optim.d_lr", "loss.gp_weight",

@@ -11,7 +11,15 @@ from gan_core.data.degradations import (
     jpeg_compress,
 )
 from gan_core.data.demo import DEMO_TRAIN, DEMO_VAL, demo_images, prepare_demo_folders
-from gan_core.data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, encode_png, load_image
+from gan_core.data.images import (
+    IMAGE_EXTENSIONS,
+    ImageDecodeError,
+    ImageTooLargeError,
+    PngWriter,
+    decode_image,
+    encode_png,
+    load_image,
+)
 from gan_core.data.pairs import (
     PatchSampler,
     bicubic_upscale,
@@ -21,11 +29,14 @@ from gan_core.data.pairs import (
     validation_pair,
 )
 from gan_core.data.shards import (
+    MIN_IMAGE_SIDE,
     SHARD_SCHEMA,
+    NoUsableImagesError,
     ShardReport,
     find_image_files,
     load_shard_images,
     read_shards,
+    scan_image_folder,
     shard_files,
     subimage_starts,
     write_shards,
@@ -36,8 +47,12 @@ __all__ = [
     "DEMO_TRAIN",
     "DEMO_VAL",
     "IMAGE_EXTENSIONS",
+    "MIN_IMAGE_SIDE",
     "SHARD_SCHEMA",
     "ImageDecodeError",
+    "ImageTooLargeError",
+    "NoUsableImagesError",
+    "PngWriter",
     "PatchSampler",
     "ShardReport",
     "add_gaussian_noise",
@@ -58,6 +73,7 @@ __all__ = [
     "random_gt_patch",
     "random_patch_pair",
     "read_shards",
+    "scan_image_folder",
     "shard_files",
     "subimage_starts",
     "to_chw_uint8",

@@ -23,10 +23,10 @@ Split, fixed by file name:
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 from gan_core.data.images import encode_png, load_image
+from gan_core.files import atomic_write
 
 DEMO_VAL = ("astronaut.png", "chelsea.png", "coffee.png")
 DEMO_TRAIN = (
@@ -86,7 +86,7 @@ def prepare_demo_folders(out_dir: str | Path) -> tuple[Path, Path]:
     """Write the demo photos as PNG into out_dir/train and out_dir/val.
 
     Idempotent: files already present are kept, new ones are written atomically
-    (temporary name, then os.replace), so a second call costs almost nothing.
+    (`gan_core.files.atomic_write`), so a second call costs almost nothing.
 
     Args:
         out_dir: destination folder, created if missing.
@@ -105,8 +105,7 @@ def prepare_demo_folders(out_dir: str | Path) -> tuple[Path, Path]:
         for path in paths:
             target = folder / f"{path.stem}.png"
             if not target.is_file():
-                temporary = folder / f".{target.name}.{os.getpid()}.tmp"
-                temporary.write_bytes(encode_png(load_image(path)))
-                os.replace(temporary, target)
+                png = encode_png(load_image(path))
+                atomic_write(target, lambda handle: handle.write(png))
         folders[part] = folder
     return folders["train"], folders["val"]

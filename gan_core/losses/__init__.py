@@ -8,13 +8,12 @@ from gan_core.losses.adversarial import (
     gradient_penalty,
     r1_penalty,
 )
-from gan_core.losses.perceptual import LPIPS, PERCEPTUAL_LOSSES, VGGFeatureLoss, load_lpips_backbone
+from gan_core.losses.perceptual import LPIPS, VGGFeatureLoss, load_lpips_backbone
 from gan_core.losses.pixel import PIXEL_LOSSES, charbonnier_loss, l1_loss
 
 __all__ = [
     "ADVERSARIAL_MODES",
     "LPIPS",
-    "PERCEPTUAL_LOSSES",
     "PIXEL_LOSSES",
     "AdversarialMode",
     "VGGFeatureLoss",

@@ -281,5 +281,3 @@ def _frobenius(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 FEATURE_CRITERIA = {"l1": _l1, "l2": _l2, "fro": _frobenius}
-
-PERCEPTUAL_LOSSES = {"lpips": LPIPS, "vgg": VGGFeatureLoss}

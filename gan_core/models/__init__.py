@@ -1,4 +1,4 @@
-"""Generators, discriminators, named presets and checkpoint loading.
+"""Generators, discriminators and named presets (files are read and written by `gan_core.checkpoint`).
 
 Factories are literal dicts so go-to-definition works; `build_generator("rrdb",
 scale=4, ...)` is what configs call, the presets are what people type.
@@ -45,6 +45,18 @@ def build_generator(name: str = "rrdb", **kwargs) -> nn.Module:
         TypeError: If a keyword is not an argument of that generator; the message names it.
     """
     return _build("generator", GENERATORS, name, kwargs)
+
+
+def generator_config(generator: nn.Module) -> dict:
+    """`{"name": ..., **constructor arguments}`: what `build_generator(**config)` rebuilds `generator` from.
+
+    Raises:
+        TypeError: the model is not one of GENERATORS (or does not record its arguments in `arch`).
+    """
+    name = next((key for key, cls in GENERATORS.items() if type(generator) is cls), None)
+    if name is None or not isinstance(getattr(generator, "arch", None), dict):
+        raise TypeError(f"{type(generator).__name__} is not a generator of {sorted(GENERATORS)}")
+    return {"name": name, **generator.arch}
 
 
 def build_discriminator(name: str = "vgg", **kwargs) -> nn.Module:
@@ -95,9 +107,6 @@ PRESETS = {
     "rrdb_tiny": rrdb_tiny,
 }
 
-# Imported last: loading builds models through build_generator above.
-from gan_core.models.loading import load_generator  # noqa: E402
-
 __all__ = [
     "DISCRIMINATORS",
     "GENERATORS",
@@ -111,7 +120,7 @@ __all__ = [
     "build_generator",
     "convert_legacy_spectral_norm_keys",
     "esrgan_x4",
-    "load_generator",
+    "generator_config",
     "realesrgan_x4plus",
     "rrdb_small",
     "rrdb_tiny",

@@ -123,6 +123,10 @@ class RRDBNet(nn.Module):
             raise ValueError(f"upsample_skip must be one of {UPSAMPLE_SKIPS}, got {upsample_skip!r}")
         if upsample_skip != "none" and num_in_ch != num_out_ch:
             raise ValueError("upsample_skip needs num_in_ch == num_out_ch")
+        # The constructor arguments: what rebuilds this network (generator files and exports store them).
+        self.arch = {"num_in_ch": num_in_ch, "num_out_ch": num_out_ch, "scale": scale, "num_feat": num_feat,
+                     "num_block": num_block, "num_grow_ch": num_grow_ch, "res_scale": float(res_scale),
+                     "upsample_skip": upsample_skip}
         self.upsample_skip = upsample_skip
         self.scale = scale
         self.res_scale = res_scale

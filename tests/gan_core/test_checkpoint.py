@@ -1,3 +1,6 @@
+"""gan_core.checkpoint: training checkpoints (exact resume, RNG included), sampler states, generator files
+(every generator option survives), and load_generator on our files and BasicSR's."""
+
 import os
 
 import pytest
@@ -9,10 +12,14 @@ from gan_core.checkpoint import (
     checkpoint_config,
     export_generator,
     load_checkpoint,
+    load_generator,
+    load_sampler_state,
     read_checkpoint,
     save_checkpoint,
+    save_generator,
+    save_sampler_state,
 )
-from gan_core.models import load_generator
+from gan_core.models import RRDBNet, build_generator, generator_config, rrdb_tiny
 from gan_core.step import train_step
 from tests.gan_core.conftest import batches, tiny_config
 
@@ -21,9 +28,8 @@ def _losses(history):
     return [{k: float(v) for k, v in h.items()} for h in history]
 
 
-def test_round_trip_restores_identical_training(tmp_path):
-    cfg = tiny_config(loss={"adversarial": "relativistic", "adversarial_weight": 0.1},
-                      schedule={"lr_schedule": "cosine"}, train={"total_steps": 8, "pretrain_steps": 2})
+def _train_after_restore(tmp_path, cfg, restore_rng_state=True):
+    """(losses of 3 steps right after saving, losses of the same 3 steps after restoring into a fresh state)."""
     torch.manual_seed(0)
     state = build_state(cfg, torch.device("cpu"))
     data = batches(cfg)
@@ -32,18 +38,31 @@ def test_round_trip_restores_identical_training(tmp_path):
     save_checkpoint(tmp_path, state, cfg, extra={"note": "hello"})
     # The data position is the caller's business (the sampler has its own state); replay the same batches.
     after = [next(data) for _ in range(3)]
-    torch.manual_seed(123)  # the RNG state must come from the checkpoint, not from here
     expected = _losses([train_step(state, iter(after), cfg) for _ in range(3)])
-
-    torch.manual_seed(999)
+    torch.manual_seed(999)  # the RNG state must come from the checkpoint, not from here
     fresh = build_state(cfg, torch.device("cpu"))
-    extra = load_checkpoint(tmp_path, fresh)
+    extra = load_checkpoint(tmp_path, fresh, restore_rng_state=restore_rng_state)
     assert extra == {"note": "hello"} and fresh.step == 3
-    got = _losses([train_step(fresh, iter(after), cfg) for _ in range(3)])
-    for want, have in zip(expected, got):
-        assert have.keys() == want.keys()
-        for key in want:
-            assert have[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7), key
+    return expected, _losses([train_step(fresh, iter(after), cfg) for _ in range(3)])
+
+
+# WGAN-GP draws a random interpolation weight per sample in every D step: the losses after a restore
+# depend on the RNG state that the checkpoint carries.
+GP_CONFIG = {"loss": {"adversarial": "wgan", "adversarial_weight": 0.1, "gp_weight": 10.0},
+             "schedule": {"lr_schedule": "cosine"}, "train": {"total_steps": 8, "pretrain_steps": 2}}
+
+
+def test_round_trip_restores_identical_training(tmp_path):
+    expected, got = _train_after_restore(tmp_path, tiny_config(**GP_CONFIG))
+    assert "d/gp" in got[0]
+    for want, have in zip(expected, got, strict=True):
+        assert have == want  # bit for bit: same weights, optimizer moments, schedule and RNG
+
+
+def test_round_trip_depends_on_the_restored_rng(tmp_path):
+    # The check above would pass with a no-op RNG restore if the steps drew no random numbers: they do.
+    expected, got = _train_after_restore(tmp_path, tiny_config(**GP_CONFIG), restore_rng_state=False)
+    assert got[0]["d/gp"] != expected[0]["d/gp"]
 
 
 def test_checkpoint_is_self_describing_and_weights_only(tmp_path):
@@ -53,7 +72,7 @@ def test_checkpoint_is_self_describing_and_weights_only(tmp_path):
     assert path.name == CHECKPOINT_FILE
     payload = torch.load(path, weights_only=True)  # no pickled code inside
     assert checkpoint_config(payload) == cfg
-    assert not [p for p in path.parent.iterdir() if p.name.startswith(".checkpoint-")], "temp file left behind"
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")], "temp file left behind"
 
 
 def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
@@ -81,6 +100,12 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
         read_checkpoint(tmp_path / "missing")
 
 
+def test_sampler_state_per_worker(tmp_path):
+    save_sampler_state(tmp_path, 1, {"epoch": 3, "position": 7})
+    assert load_sampler_state(tmp_path, 1) == {"epoch": 3, "position": 7}
+    assert load_sampler_state(tmp_path, 0) is None
+
+
 def test_export_generator_prefers_ema_and_loads(tmp_path):
     cfg = tiny_config()
     torch.manual_seed(0)
@@ -92,3 +117,113 @@ def test_export_generator_prefers_ema_and_loads(tmp_path):
     generator = load_generator(slim)
     x = torch.rand(1, 3, 8, 8)
     torch.testing.assert_close(generator(x), state.generator_ema(x))
+    with pytest.raises(ValueError, match="generator file, not a training checkpoint"):
+        load_checkpoint(slim, state)
+
+
+@pytest.mark.parametrize("options", [{"res_scale": 0.3}, {"upsample_skip": "bicubic"}, {"scale": 2, "num_grow_ch": 4}])
+def test_generator_file_keeps_every_option(tmp_path, options):
+    torch.manual_seed(0)
+    generator = build_generator(**{"name": "rrdb", "num_feat": 8, "num_block": 1, "num_grow_ch": 8, **options})
+    torch.nn.init.normal_(generator.conv_last.weight, std=0.01)
+    loaded = load_generator(save_generator(tmp_path / "g.pt", generator, step=5))
+    assert generator_config(loaded) == generator_config(generator)
+    assert read_checkpoint(tmp_path / "g.pt")["step"] == 5
+    _assert_same_outputs(loaded, generator)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp file left behind"
+
+
+# --- load_generator: BasicSR files, training checkpoints, bad files ----------------
+
+
+def _save(obj, path):
+    torch.save(obj, path)
+    return path
+
+
+def _assert_same_outputs(loaded, reference):
+    assert not loaded.training
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), reference.eval()(x))
+
+
+@pytest.mark.parametrize("layout", ["params_ema", "params", "plain", "ddp_prefix", "compile_prefix", "both_prefixes"])
+def test_load_basicsr_format(tmp_path, layout):
+    torch.manual_seed(0)
+    reference = RRDBNet(num_feat=16, num_block=3, num_grow_ch=8, scale=2)
+    state = reference.state_dict()
+    obj = {
+        "params_ema": {"params_ema": state},
+        "params": {"params": state},
+        "plain": state,
+        "ddp_prefix": {"params": {f"module.{k}": v for k, v in state.items()}},
+        "compile_prefix": {f"_orig_mod.{k}": v for k, v in state.items()},
+        "both_prefixes": {"params_ema": {f"_orig_mod.module.{k}": v for k, v in state.items()}},
+    }[layout]
+    loaded = load_generator(_save(obj, tmp_path / "net_g.pth"))
+    assert isinstance(loaded, RRDBNet)
+    assert (loaded.scale, loaded.conv_first.out_channels, len(loaded.body)) == (2, 16, 3)
+    assert loaded.body[0].rdb1.conv1.out_channels == 8
+    _assert_same_outputs(loaded, reference)
+
+
+@pytest.mark.parametrize("scale", [1, 2, 4])
+def test_load_basicsr_infers_scale(tmp_path, scale):
+    reference = rrdb_tiny(scale=scale)
+    loaded = load_generator(_save(reference.state_dict(), tmp_path / "g.pth"))
+    assert loaded.scale == scale
+    _assert_same_outputs(loaded, reference)
+
+
+def test_load_basicsr_prefers_params_ema(tmp_path):
+    torch.manual_seed(0)
+    ema, raw = rrdb_tiny(), rrdb_tiny()
+    path = _save({"params": raw.state_dict(), "params_ema": ema.state_dict()}, tmp_path / "g.pth")
+    _assert_same_outputs(load_generator(path), ema)
+    _assert_same_outputs(load_generator(path, use_ema=False), raw)
+
+
+def test_load_training_checkpoint_prefers_ema(tmp_path):
+    cfg = tiny_config(generator={"res_scale": 0.3})
+    torch.manual_seed(0)
+    state = build_state(cfg, torch.device("cpu"))
+    train_step(state, batches(cfg), cfg)  # EMA and raw weights now differ
+    save_checkpoint(tmp_path, state, cfg)
+    from_dir = load_generator(tmp_path)
+    assert from_dir.res_scale == 0.3 and from_dir.body[0].rdb2.res_scale == 0.3
+    _assert_same_outputs(from_dir, state.generator_ema)
+    _assert_same_outputs(load_generator(tmp_path / CHECKPOINT_FILE), state.generator_ema)
+    _assert_same_outputs(load_generator(tmp_path, use_ema=False), state.generator)
+
+
+def test_load_training_checkpoint_without_ema_uses_generator(tmp_path):
+    cfg = tiny_config(train={"ema_decay": 0})
+    state = build_state(cfg, torch.device("cpu"))
+    _assert_same_outputs(load_generator(save_checkpoint(tmp_path, state, cfg)), state.generator)
+
+
+class _NotAllowed:
+    pass
+
+
+def test_load_bad_files_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"'optimizer'.*expected.*params_ema"):
+        load_generator(_save({"optimizer": {}, "epoch": 3}, tmp_path / "a.pth"))
+    with pytest.raises(ValueError, match="not a torch.save file"):
+        (tmp_path / "b.pth").write_text("hello")
+        load_generator(tmp_path / "b.pth")
+    with pytest.raises(ValueError, match="'other/9' is not supported"):
+        load_generator(_save({"format": "other/9"}, tmp_path / "c.pt"))
+    with pytest.raises(ValueError, match="objects other than tensors"):
+        load_generator(_save({"params": _NotAllowed()}, tmp_path / "d.pth"))
+    with pytest.raises(ValueError, match="conv_first has 5 input channels"):
+        state = rrdb_tiny().state_dict()
+        state["conv_first.weight"] = torch.zeros(16, 5, 3, 3)
+        load_generator(_save(state, tmp_path / "e.pth"))
+    with pytest.raises(ValueError, match="do not match RRDBNet"):
+        state = rrdb_tiny().state_dict()
+        del state["body.0.rdb2.conv3.bias"]
+        load_generator(_save(state, tmp_path / "f.pth"))
+    with pytest.raises(FileNotFoundError):
+        load_generator(tmp_path / "missing")

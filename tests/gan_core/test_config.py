@@ -63,3 +63,40 @@ def test_flatten_and_known_keys():
     flat = flatten(Config().model_dump())
     assert flat["optim.g_lr"] == 1e-4
     assert {"schedule.lr_schedule", "loss.gp_weight", "generator.res_scale"} <= known_keys()
+
+
+def test_every_literal_in_the_schema_equals_its_registry():
+    import typing
+
+    from gan_core.config import DiscriminatorSection, GeneratorSection, LossSection, ScheduleSection
+    from gan_core.losses import ADVERSARIAL_MODES, PIXEL_LOSSES
+    from gan_core.losses.perceptual import LPIPS_BACKBONE_FILES
+    from gan_core.models import DISCRIMINATORS, GENERATORS
+    from gan_core.models.discriminators import _NORMS
+    from gan_core.models.rrdb import _UNSHUFFLE_FACTOR, UPSAMPLE_SKIPS
+    from gan_core.schedules import LR_SCHEDULES
+
+    def options(section, key):
+        return set(typing.get_args(section.model_fields[key].annotation))
+
+    assert options(GeneratorSection, "name") == set(GENERATORS)
+    assert options(GeneratorSection, "scale") == set(_UNSHUFFLE_FACTOR)
+    assert options(GeneratorSection, "upsample_skip") == set(UPSAMPLE_SKIPS)
+    assert options(DiscriminatorSection, "name") == set(DISCRIMINATORS)
+    assert options(DiscriminatorSection, "norm") == set(_NORMS)
+    assert options(LossSection, "pixel") == set(PIXEL_LOSSES)
+    assert options(LossSection, "adversarial") == set(ADVERSARIAL_MODES)
+    assert options(LossSection, "lpips_net") == set(LPIPS_BACKBONE_FILES)
+    assert options(ScheduleSection, "lr_schedule") == set(LR_SCHEDULES)
+
+
+def test_config_is_frozen_and_with_values_revalidates():
+    from gan_core.config import ConfigError
+
+    cfg = load_config(CONFIG_DIR / "demo.yaml")
+    with pytest.raises(ValueError):
+        cfg.optim.g_lr = 1.0
+    changed = cfg.with_values({"optim.g_lr": 2e-4, "run.name": "x"})
+    assert (changed.optim.g_lr, changed.run.name, cfg.run.name) == (2e-4, "x", load_config(CONFIG_DIR / "demo.yaml").run.name)
+    with pytest.raises(ConfigError, match="optim.g_lr"):
+        cfg.with_values({"optim.g_lr": float("inf")})

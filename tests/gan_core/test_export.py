@@ -1,28 +1,26 @@
 """ONNX export (parity with onnxruntime at several sizes) and int8 static quantization (size, PSNR change).
 
-The int8 checks use a generator trained for a few seconds on the demo photos: the PSNR change of
-quantization is only meaningful on weights shaped by training. Measured on this machine (rrdb_tiny,
-200 steps, 3 validation photos centre-cropped to 96 px): fp32 24.94 dB PSNR-Y, int8 24.998 dB
-(+0.056 dB); the size ratio is 0.464 (the tiny model's per-tensor overhead; 0.31 for rrdb_small).
-ONNX parity: 5e-8 on random weights, 7e-7 on the trained ones.
+The int8 checks use a generator trained for a few seconds on the demo photos by the training loop:
+the PSNR change of quantization is only meaningful on weights shaped by training.
 """
 
 import numpy as np
 import pytest
 import torch
 
-from gan_core.data import find_image_files, load_image, prepare_demo_folders, random_patch_pair, validation_pair
-from gan_core.evaluation import center_crop, evaluate_images, mean_metrics
-from gan_core.export import (
+from gan_core.config import config_from_dict
+from gan_core.data import find_image_files, load_image, prepare_demo_folders, validation_pair
+from gan_core.deploy import (
     export_onnx,
-    generator_kwargs,
     load_int8,
     onnx_max_abs_diff,
     quantize_int8,
     save_int8,
     serialized_size,
 )
-from gan_core.models import rrdb_tiny
+from gan_core.loop import fit, make_sampler, setup_state
+from gan_core.models import build_generator, generator_config, rrdb_tiny
+from gan_core.scoring import center_crop, evaluate_images, mean_metrics
 
 pytest.importorskip("onnxruntime")
 
@@ -42,24 +40,18 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(demo):
-    """rrdb_tiny after 200 L1 steps (about 4 s on one thread) on 64 fixed 32 px demo patches."""
+    """rrdb_tiny's architecture after 200 L1 steps of the training loop (a few seconds) on 32 px demo patches."""
     torch.set_num_threads(1)
     train, _ = demo
-    torch.manual_seed(0)
-    generator = rrdb_tiny()
-    rng = torch.Generator().manual_seed(0)
-    pairs = [random_patch_pair(train[i % len(train)], patch_size=32, scale=4, generator=rng) for i in range(64)]
-    lq, gt = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-    optimizer = torch.optim.Adam(generator.parameters(), lr=2e-3)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 200)
-    for step in range(200):
-        i = (step * 8) % 64
-        loss = (generator(lq[i : i + 8]) - gt[i : i + 8]).abs().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    return generator.eval()
+    cfg = config_from_dict({
+        "generator": {"num_feat": 16, "num_block": 1, "num_grow_ch": 8},
+        "optim": {"g_lr": 2e-3}, "schedule": {"lr_schedule": "cosine"},
+        "data": {"patch_size": 32, "batch_size": 8},
+        "train": {"total_steps": 200, "pretrain_steps": 200, "ema_decay": 0, "log_every": 200},
+    })
+    state = setup_state(cfg, torch.device("cpu"))
+    fit(state, iter(make_sampler(cfg, train)), cfg)
+    return state.generator.eval()
 
 
 def psnr_y(generator, images):
@@ -106,7 +98,7 @@ def test_int8_size_and_psnr_change(trained, demo, tmp_path):
     with torch.no_grad():
         assert 0 < (quantized(x) - trained(x)).abs().max() < 0.2
     # Saved and rebuilt without calibration data: bit-identical outputs.
-    path = save_int8(quantized, generator_kwargs(trained), tmp_path / "g_int8.pt")
+    path = save_int8(quantized, trained, tmp_path / "g_int8.pt")
     with torch.no_grad():
         torch.testing.assert_close(load_int8(path)(x), quantized(x), atol=0, rtol=0)
 
@@ -136,13 +128,24 @@ def test_load_int8_rejects_other_files(tmp_path):
         load_int8(tmp_path / "missing.pt")
 
 
-def test_generator_kwargs_rebuild_the_same_network():
-    generator = rrdb_tiny(scale=2, res_scale=0.5)
-    kwargs = generator_kwargs(generator)
-    assert kwargs == {"num_in_ch": 3, "num_out_ch": 3, "scale": 2, "num_feat": 16, "num_block": 1,
-                      "num_grow_ch": 8, "res_scale": 0.5}
-    with pytest.raises(TypeError):
-        generator_kwargs(torch.nn.Conv2d(3, 3, 3))
+def test_int8_file_rebuilds_every_generator_option(tmp_path):
+    # The demo recipes use a bicubic skip and sweeps change res_scale: the int8 file must rebuild both,
+    # not a network guessed from the weights' shapes (which carry neither).
+    torch.manual_seed(0)
+    config = {"name": "rrdb", "num_feat": 8, "num_block": 1, "num_grow_ch": 8, "res_scale": 0.5,
+              "upsample_skip": "bicubic"}
+    generator = build_generator(**config).eval()
+    torch.nn.init.normal_(generator.conv_last.weight, std=0.01)  # the skip starts it at zero
+    x = torch.rand(1, 3, 12, 16)
+    quantized = quantize_int8(generator, [x])
+    path = save_int8(quantized, generator, tmp_path / "g_int8.pt")
+    assert torch.load(path, weights_only=True)["generator"] == generator_config(generator)
+    with torch.no_grad():
+        rebuilt = load_int8(path)(x)
+        torch.testing.assert_close(rebuilt, quantized(x), atol=0, rtol=0)
+        # Close to the float model, whose output is mostly the bicubic upscale of x: without the skip it is not.
+        assert (rebuilt - generator(x)).abs().mean() < 0.05
+        assert (rebuilt - x.new_zeros(1, 3, 48, 64)).abs().mean() > 0.2
 
 
 @pytest.mark.slow

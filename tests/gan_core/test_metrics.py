@@ -9,10 +9,9 @@ channel-reversed (BGR) arrays it expects. Our implementation matched them to
 
 import numpy as np
 import pytest
-import torch
 from skimage import data
 
-from gan_core.metrics import psnr, psnr_batch, rgb_to_y, rgb_to_y_batch, ssim, ssim_batch
+from gan_core.metrics import psnr, rgb_to_y, ssim
 
 
 def degrade_noise(img):
@@ -57,25 +56,11 @@ GOLDEN = [
     ("camera", 4, True, 31.036807615472192, 0.7163807505993328),
 ]
 
-# (image, crop_border, y_channel, BasicSR calculate_psnr_pt, calculate_ssim_pt) on img / 255 float32 tensors
-GOLDEN_PT = [
-    ("astronaut", 0, False, 31.360330957812725, 0.7315402802628308),
-    ("astronaut", 4, True, 36.573872850247085, 0.9083821197234581),
-    ("chelsea", 0, False, 29.48547167896529, 0.8249577274946401),
-    ("chelsea", 4, True, 30.784920842844713, 0.8386258447737683),
-    ("coffee", 0, False, 34.78959670832704, 0.889663035207662),
-    ("coffee", 4, True, 39.72539233924971, 0.9645289963880759),
-]
-
 
 def pair(name):
     load, degrade = CASES[name]
     img = load()
     return img, degrade(img)
-
-
-def to_tensor(img):
-    return torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
 
 
 @pytest.mark.parametrize("name,crop,y,want_psnr,want_ssim", GOLDEN)
@@ -85,40 +70,10 @@ def test_numpy_metrics_match_basicsr(name, crop, y, want_psnr, want_ssim):
     assert ssim(img, img2, crop_border=crop, y_channel=y) == pytest.approx(want_ssim, abs=1e-6)
 
 
-@pytest.mark.parametrize("name,crop,y,want_psnr,want_ssim", GOLDEN_PT)
-def test_batch_metrics_match_basicsr_pt(name, crop, y, want_psnr, want_ssim):
-    img, img2 = pair(name)
-    got_psnr = psnr_batch(to_tensor(img), to_tensor(img2), crop_border=crop, y_channel=y)
-    got_ssim = ssim_batch(to_tensor(img), to_tensor(img2), crop_border=crop, y_channel=y)
-    assert got_psnr.shape == (1,) and got_psnr.dtype == torch.float64
-    assert got_ssim.shape == (1,) and got_ssim.dtype == torch.float64
-    assert got_psnr.item() == pytest.approx(want_psnr, abs=1e-6)
-    assert got_ssim.item() == pytest.approx(want_ssim, abs=1e-6)
-
-
-def test_batch_is_per_image():
-    a, a2 = (x[:128, :128] for x in pair("astronaut"))
-    c, c2 = (x[:128, :128] for x in pair("coffee"))
-    pred = torch.cat([to_tensor(a2), to_tensor(c2)])
-    target = torch.cat([to_tensor(a), to_tensor(c)])
-    got = ssim_batch(pred, target, crop_border=2, y_channel=True)
-    assert got.shape == (2,)
-    assert got[0].item() == pytest.approx(ssim_batch(pred[:1], target[:1], 2, True).item(), abs=1e-12)
-    assert got[1].item() == pytest.approx(ssim_batch(pred[1:], target[1:], 2, True).item(), abs=1e-12)
-    assert got[0].item() != pytest.approx(got[1].item(), abs=1e-3)
-    # No quantisation in the tensor version: it stays close to the uint8 numpy value (the only gap is the
-    # float32 round trip through [0, 1] and the 1e-8 added to the MSE).
-    assert psnr_batch(pred, target)[0].item() == pytest.approx(psnr(a2, a), abs=1e-3)
-
-
 def test_identical_images():
     img = data.astronaut()[:64, :64]
     assert psnr(img, img) == float("inf")
     assert ssim(img, img) == pytest.approx(1.0, abs=1e-12)
-    t = to_tensor(img)
-    # BasicSR's calculate_psnr_pt adds 1e-8 to the MSE: 10 * log10(1e8) = 80 dB
-    assert psnr_batch(t, t).item() == pytest.approx(80.0, abs=1e-9)
-    assert ssim_batch(t, t).item() == pytest.approx(1.0, abs=1e-12)
 
 
 def test_rgb_to_y_is_bt601_rgb_order():
@@ -129,8 +84,6 @@ def test_rgb_to_y_is_bt601_rgb_order():
     y = rgb_to_y(img)
     assert y.dtype == np.float32 and y.shape == (2, 2)
     np.testing.assert_allclose(y, [[16 + 65.481, 16 + 24.966], [16.0, 235.0]], atol=1e-4)
-    y_t = rgb_to_y_batch(to_tensor(img)) * 255
-    np.testing.assert_allclose(y_t[0, 0].numpy(), y, atol=1e-3)
 
 
 def test_errors():
@@ -139,8 +92,6 @@ def test_errors():
         psnr(img, img[:31])
     with pytest.raises(ValueError, match="shapes differ"):
         ssim(img, img[:, :31])
-    with pytest.raises(ValueError, match="shapes differ"):
-        psnr_batch(to_tensor(img), to_tensor(img[:31]))
     with pytest.raises(ValueError, match="larger than"):
         ssim(img[:10, :10], img[:10, :10])
     with pytest.raises(ValueError, match="Expected"):

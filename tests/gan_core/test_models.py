@@ -1,4 +1,4 @@
-"""gan_core.models: BasicSR-compatible RRDBNet, discriminators, factories, load_generator."""
+"""gan_core.models: BasicSR-compatible RRDBNet, discriminators, factories, the generator config."""
 
 import math
 
@@ -20,7 +20,7 @@ from gan_core.models import (
     build_generator,
     convert_legacy_spectral_norm_keys,
     esrgan_x4,
-    load_generator,
+    generator_config,
     realesrgan_x4plus,
     rrdb_tiny,
 )
@@ -257,9 +257,15 @@ def test_legacy_spectral_norm_keys_convert_to_parametrizations():
 
 
 def test_build_functions_and_registries():
-    assert GENERATORS == {"rrdb": RRDBNet}
-    assert DISCRIMINATORS == {"vgg": VGGStyleDiscriminator, "unet": UNetDiscriminatorSN}
-    assert set(PRESETS) == {"esrgan_x4", "realesrgan_x4plus", "rrdb_small", "rrdb_tiny"}
+    # Drift check: every preset is a generator the config schema can describe and build_generator rebuild.
+    from gan_core.config import GeneratorSection
+
+    for name, preset in PRESETS.items():
+        config = generator_config(preset())
+        GeneratorSection(**config)
+        assert generator_config(build_generator(**config)) == config, name
+    assert set(GENERATORS.values()) == {RRDBNet} and set(DISCRIMINATORS.values()) == {VGGStyleDiscriminator,
+                                                                                      UNetDiscriminatorSN}
     g = build_generator("rrdb", scale=2, num_feat=16, num_block=1, num_grow_ch=8, res_scale=0.1)
     assert isinstance(g, RRDBNet) and g.scale == 2 and g.res_scale == 0.1
     assert isinstance(build_discriminator("unet", num_feat=8), UNetDiscriminatorSN)
@@ -275,117 +281,6 @@ def test_build_errors_name_the_problem():
         build_generator("rrdb", num_blocks=3)
     with pytest.raises(TypeError, match="spectral_norm"):
         build_discriminator("unet", spectral_norm=True)
-
-
-# --- load_generator --------------------------------------------------------------
-
-
-def _save(obj, path):
-    torch.save(obj, path)
-    return path
-
-
-def _assert_same_outputs(loaded, reference):
-    assert not loaded.training
-    x = _tiny_input(16)
-    with torch.no_grad():
-        assert torch.equal(loaded(x), reference.eval()(x))
-
-
-@pytest.mark.parametrize("layout", ["params_ema", "params", "plain", "ddp_prefix", "compile_prefix", "both_prefixes"])
-def test_load_basicsr_format(tmp_path, layout):
-    torch.manual_seed(0)
-    reference = RRDBNet(num_feat=16, num_block=3, num_grow_ch=8, scale=2)
-    state = reference.state_dict()
-    obj = {
-        "params_ema": {"params_ema": state},
-        "params": {"params": state},
-        "plain": state,
-        "ddp_prefix": {"params": {f"module.{k}": v for k, v in state.items()}},
-        "compile_prefix": {f"_orig_mod.{k}": v for k, v in state.items()},
-        "both_prefixes": {"params_ema": {f"_orig_mod.module.{k}": v for k, v in state.items()}},
-    }[layout]
-    loaded = load_generator(_save(obj, tmp_path / "net_g.pth"))
-    assert isinstance(loaded, RRDBNet)
-    assert (loaded.scale, loaded.conv_first.out_channels, len(loaded.body)) == (2, 16, 3)
-    assert loaded.body[0].rdb1.conv1.out_channels == 8
-    _assert_same_outputs(loaded, reference)
-
-
-@pytest.mark.parametrize("scale", [1, 2, 4])
-def test_load_basicsr_infers_scale(tmp_path, scale):
-    reference = rrdb_tiny(scale=scale)
-    loaded = load_generator(_save(reference.state_dict(), tmp_path / "g.pth"))
-    assert loaded.scale == scale
-    _assert_same_outputs(loaded, reference)
-
-
-def test_load_basicsr_prefers_params_ema(tmp_path):
-    torch.manual_seed(0)
-    ema, raw = rrdb_tiny(), rrdb_tiny()
-    path = _save({"params": raw.state_dict(), "params_ema": ema.state_dict()}, tmp_path / "g.pth")
-    _assert_same_outputs(load_generator(path), ema)
-    _assert_same_outputs(load_generator(path, use_ema=False), raw)
-
-
-def _our_checkpoint(generator, generator_ema, res_scale):
-    config = {
-        "generator": {"name": "rrdb", "scale": 4, "num_feat": 16, "num_block": 1, "num_grow_ch": 8,
-                      "res_scale": res_scale, "num_in_ch": 3, "num_out_ch": 3},
-        "discriminator": {"name": "vgg", "num_feat": 8},
-    }
-    return {
-        "format": "gan_core/1",
-        "config": config,
-        "step": 7,
-        "generator": generator.state_dict(),
-        "generator_ema": generator_ema.state_dict() if generator_ema is not None else None,
-        "discriminator": None,
-        "extra": {},
-    }
-
-
-def test_load_our_checkpoint_prefers_ema(tmp_path):
-    torch.manual_seed(0)
-    raw, ema = rrdb_tiny(res_scale=0.3), rrdb_tiny(res_scale=0.3)
-    _save(_our_checkpoint(raw, ema, res_scale=0.3), tmp_path / "checkpoint.pt")
-    from_dir = load_generator(tmp_path)
-    assert from_dir.res_scale == 0.3 and from_dir.body[0].rdb2.res_scale == 0.3
-    _assert_same_outputs(from_dir, ema)
-    _assert_same_outputs(load_generator(tmp_path / "checkpoint.pt"), ema)
-    _assert_same_outputs(load_generator(tmp_path, use_ema=False), raw)
-
-
-def test_load_our_checkpoint_without_ema_uses_generator(tmp_path):
-    raw = rrdb_tiny()
-    path = _save(_our_checkpoint(raw, None, res_scale=0.2), tmp_path / "checkpoint.pt")
-    _assert_same_outputs(load_generator(path), raw)
-
-
-class _NotAllowed:
-    pass
-
-
-def test_load_bad_files_raise_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"'optimizer'.*expected.*params_ema"):
-        load_generator(_save({"optimizer": {}, "epoch": 3}, tmp_path / "a.pth"))
-    with pytest.raises(ValueError, match="not a torch.save file"):
-        (tmp_path / "b.pth").write_text("hello")
-        load_generator(tmp_path / "b.pth")
-    with pytest.raises(ValueError, match="'other/9' is not supported"):
-        load_generator(_save({"format": "other/9"}, tmp_path / "c.pt"))
-    with pytest.raises(ValueError, match="objects other than tensors"):
-        load_generator(_save({"params": _NotAllowed()}, tmp_path / "d.pth"))
-    with pytest.raises(ValueError, match="conv_first has 5 input channels"):
-        state = rrdb_tiny().state_dict()
-        state["conv_first.weight"] = torch.zeros(16, 5, 3, 3)
-        load_generator(_save(state, tmp_path / "e.pth"))
-    with pytest.raises(ValueError, match="do not match RRDBNet"):
-        state = rrdb_tiny().state_dict()
-        del state["body.0.rdb2.conv3.bias"]
-        load_generator(_save(state, tmp_path / "f.pth"))
-    with pytest.raises(FileNotFoundError):
-        load_generator(tmp_path / "missing")
 
 
 # --- torch.compile ---------------------------------------------------------------
@@ -430,3 +325,15 @@ def test_upsample_skip_rejects_unknown_mode():
 
     with pytest.raises(ValueError, match="upsample_skip must be one of"):
         RRDBNet(upsample_skip="lanczos")
+
+
+def test_generator_config_rebuilds_the_network_with_every_option():
+    generator = build_generator("rrdb", scale=2, num_feat=8, num_block=2, num_grow_ch=4, res_scale=0.3,
+                                upsample_skip="bilinear")
+    config = generator_config(generator)
+    assert config == {"name": "rrdb", "num_in_ch": 3, "num_out_ch": 3, "scale": 2, "num_feat": 8, "num_block": 2,
+                      "num_grow_ch": 4, "res_scale": 0.3, "upsample_skip": "bilinear"}
+    rebuilt = build_generator(**config)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in generator.state_dict().items()}
+    with pytest.raises(TypeError, match="not a generator"):
+        generator_config(nn.Conv2d(3, 3, 3))

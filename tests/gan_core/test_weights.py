@@ -75,7 +75,10 @@ def test_missing_unknown_file_says_no_url(dirs):
 
 
 def test_known_urls():
-    assert set(KNOWN_WEIGHTS) == {"alexnet-owt-7be5be79.pth", "vgg16-397923af.pth", "vgg19-dcbbabf1.pth"}
+    # Drift check: every backbone file the perceptual losses ask for has a known URL to show.
+    from gan_core.losses.perceptual import LPIPS_BACKBONE_FILES, VGG19_FILE
+
+    assert {*LPIPS_BACKBONE_FILES.values(), VGG19_FILE} <= set(KNOWN_WEIGHTS)
     for name, url in KNOWN_WEIGHTS.items():
         assert url == f"https://download.pytorch.org/models/{name}"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from jobs.tracking import RUN_NAME_TAG
+from jobs.tracking.runs import RUN_NAME_TAG
 from tests.jobs.conftest import REPO, free_port, stop_process_group, tiny_overrides
 
 pytestmark = pytest.mark.slow

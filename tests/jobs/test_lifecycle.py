@@ -7,6 +7,8 @@ generator whose quality is fixed by construction, so the expected decisions are 
     tent     nearest, then one 3x3 tent blur at 4x               ~27.5 dB
     tent2    nearest, then two 3x3 tent blurs at 4x              ~27.7 dB
 (bicubic is ~28.3 dB on these 96 px crops). The tests run in file order and share one registry.
+All of these are below bicubic by construction, so the promotions here lower the gate's bicubic floor
+explicitly (PROMOTE_FLOOR); tests/jobs/test_promotion_gate.py runs the gate at its defaults.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ import numpy as np
 import pytest
 import torch
 
-from gan_core.checkpoint import CHECKPOINT_FORMAT
+from gan_core.checkpoint import CHECKPOINT_FILE, load_generator, save_generator
 from gan_core.data import prepare_demo_folders
-from gan_core.models import load_generator, rrdb_tiny
+from gan_core.models import rrdb_tiny
 
 pytestmark = pytest.mark.slow
 
 CROP = "96"
 TINY = {"name": "rrdb", "scale": 4, "num_feat": 16, "num_block": 1, "num_grow_ch": 8, "res_scale": 0.2}
+# These tests are about margins, concurrency and crash recovery, with models up to 2.3 dB below bicubic.
+PROMOTE_FLOOR = ("--min-gain-db", "-3.0")
 
 
 def upsampler(kind: str) -> torch.nn.Module:
@@ -56,19 +60,21 @@ def upsampler(kind: str) -> torch.nn.Module:
 
 
 def save_checkpoint_dir(generator: torch.nn.Module, directory) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": CHECKPOINT_FORMAT, "config": {"generator": TINY}, "step": 1,
-                "generator": generator.state_dict(), "generator_ema": None}, directory / "checkpoint.pt")
+    save_generator(directory / CHECKPOINT_FILE, generator, step=1)
 
 
 @pytest.fixture(scope="module")
 def world(mlflow_server, tmp_path_factory):
     """The tracking server, demo validation photos, and names unique to this module."""
+    return make_world(mlflow_server, tmp_path_factory.mktemp("lifecycle"))
+
+
+def make_world(mlflow_server: str, root) -> dict:
+    """What `world` holds; other modules build their own (their own experiment and registered model)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("lifecycle")
     _, val_dir = prepare_demo_folders(root / "demo")
     mlflow.set_tracking_uri(mlflow_server)
     tag = uuid.uuid4().hex[:8]
@@ -76,11 +82,15 @@ def world(mlflow_server, tmp_path_factory):
             "experiment": f"lifecycle-{tag}", "model": f"sr-{tag}", "runs": {}}
 
 
-def fake_training_run(world, kind: str, claimed_psnr: float, log_model: bool = True) -> str:
-    """A finished 'training run' as jobs.train leaves it: params, val metrics, checkpoint, logged model."""
+def fake_training_run(world, kind: str, claimed_psnr: float, log_model: bool = True,
+                      generator: torch.nn.Module | None = None) -> str:
+    """A finished 'training run' as jobs.train leaves it: params, val metrics, checkpoint, logged model.
+
+    The generator is `upsampler(kind)` unless one is given.
+    """
     import mlflow
 
-    from jobs.pyfunc_model import log_generator_model
+    from jobs.tracking.pyfunc import log_generator_model
 
     client = world["client"]
     found = client.get_experiment_by_name(world["experiment"])
@@ -92,9 +102,10 @@ def fake_training_run(world, kind: str, claimed_psnr: float, log_model: bool = T
     for key, value in {"val/psnr_y": claimed_psnr, "val/ssim_y": 0.7, "val/gain_psnr_y": claimed_psnr - 28.3}.items():
         client.log_metric(run_id, key, value, step=10)
     directory = world["root"] / "checkpoints" / run_id
-    save_checkpoint_dir(upsampler(kind), directory)
+    save_checkpoint_dir(upsampler(kind) if generator is None else generator, directory)
     client.set_tag(run_id, "checkpoint_location", str(directory))
     if log_model:
+        mlflow.set_experiment(experiment_id=experiment_id)  # jobs.import_weights may have set another one
         with mlflow.start_run(run_id=run_id):
             info = log_generator_model(directory / "checkpoint.pt", name="generator")
         client.set_tag(run_id, "model_uri", info.model_uri)
@@ -107,7 +118,7 @@ def promote(world, *extra: str) -> dict:
     from jobs.promote import main
 
     return main(["--experiment", world["experiment"], "--registered-model", world["model"], "--metric",
-                 "val/psnr_y", "--crop", CROP, "--tracking-uri", world["uri"], *extra])
+                 "val/psnr_y", "--crop", CROP, "--tracking-uri", world["uri"], *PROMOTE_FLOOR, *extra])
 
 
 def version_tags(world, version) -> dict:
@@ -120,6 +131,9 @@ def champion(world) -> str:
 
 def test_first_model_is_promoted_with_its_evaluation(world, capsys):
     fake_training_run(world, "nearest", claimed_psnr=26.0)
+    # At the default floor (beat bicubic) even a first model 2.3 dB below bicubic is refused.
+    at_default = promote(world, "--min-gain-db", "0", "--dry-run")
+    assert at_default["would_promote"] is False and at_default["failed"] == ["gain"]
     result = promote(world)
     assert result["decision"] == "promoted" and champion(world) == result["version"] == "1"
     tags = version_tags(world, 1)
@@ -200,7 +214,7 @@ def test_a_promotion_that_died_after_registering_is_finished_by_the_next(world, 
     # Simulate the crash: the version exists, READY, with its decision still pending.
     run_id = fake_training_run(world, "tent", claimed_psnr=27.5)
     model_uri = world["client"].get_run(run_id).data.tags["model_uri"]
-    from jobs.promote import register_version
+    from jobs.tracking.registry import register_version
 
     crashed = register_version(world["client"], world["model"], model_uri, {"promotion.decision": "pending"})
     count = len(world["client"].search_model_versions(f"name = '{world['model']}'"))
@@ -279,7 +293,7 @@ def test_import_weights_registers_basicsr_file(world, tmp_path, capsys):
     assert 27.0 < result["metrics"]["psnr_y"] < 27.8  # params_ema (the tent upsampler) was taken, not params
     tags = version_tags(world, result["version"])
     assert tags["source"] == "basicsr" and len(tags["source_sha256"]) == 64 and "eval.psnr_y" in tags
-    from jobs.model_source import resolve_model
+    from jobs.tracking.model_source import resolve_model
 
     source = resolve_model(f"models:/{world['model']}/{result['version']}", tmp_path / "dl")
     loaded = load_generator(source.path)
@@ -291,8 +305,8 @@ def test_import_weights_registers_basicsr_file(world, tmp_path, capsys):
 
 
 def test_model_source_forms_resolve_to_the_same_weights(world, tmp_path):
-    from jobs.common import JobError
-    from jobs.model_source import local_checkpoint_file, resolve_model
+    from jobs.cli import JobError
+    from jobs.tracking.model_source import local_checkpoint_file, resolve_model
 
     run_id = world["runs"]["tent2"]
     expected = upsampler("tent2").state_dict()
@@ -327,7 +341,7 @@ def test_export_job_on_the_champion(world, tmp_path, capsys):
 def test_user_errors_exit_2_with_one_line(world, tmp_path, capsys):
     from jobs import evaluate
     from jobs import promote as promote_job
-    from jobs.common import run_main
+    from jobs.cli import run_main
 
     cases = [
         (evaluate.main, ["--model", str(tmp_path / "nope"), "--data", world["val"]], "no such file or folder"),
@@ -355,8 +369,8 @@ def test_user_errors_exit_2_with_one_line(world, tmp_path, capsys):
 
 
 def test_promotion_lock_is_exclusive_and_breaks_stale_locks(world):
-    from jobs.common import JobError
-    from jobs.promote import alias_lock
+    from jobs.cli import JobError
+    from jobs.tracking.registry import alias_lock
 
     client, name = world["client"], world["model"] + "-locktest"
     events = []

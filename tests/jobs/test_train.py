@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from jobs import train
-from jobs.tracking import RUN_NAME_TAG
+from jobs.tracking.runs import RUN_NAME_TAG
 from tests.jobs.conftest import REPO, tiny_overrides
 
 DEMO = str(REPO / "jobs" / "configs" / "demo.yaml")
@@ -126,7 +126,7 @@ def test_unreachable_tracking_server_fails_at_once(demo_data, tmp_path, capsys):
 
     start = time.time()
     with pytest.raises(SystemExit) as exit_info:
-        from jobs.common import run_main
+        from jobs.cli import run_main
 
         run_main(lambda: train.main(["--config", DEMO, "--tracking-uri", f"http://127.0.0.1:{free_port()}",
                                      *tiny_overrides(demo_data, tmp_path, 2)]))
@@ -164,21 +164,19 @@ def test_tracking_server_lost_mid_run_training_continues(ray_local, demo_data, t
 
 
 def test_source_sampling_needs_shards_with_a_source_column(ray_local, tmp_path):
-    import argparse
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from gan_core.config import load_config
     from gan_core.data.images import encode_png
-    from jobs.common import JobError
+    from jobs.cli import JobError
+    from jobs.training.trainer import build_trainer
 
     shards = tmp_path / "plain_shards"
     shards.mkdir()
     pq.write_table(pa.table({"image": [encode_png(np.zeros((64, 64, 3), np.uint8))]}), shards / "part-00000.parquet")
-    cfg = load_config(DEMO, [f"data.train={shards}", "data.sampling=source"])
-    args = argparse.Namespace(num_workers=2, use_gpu=False)
+    cfg = load_config(DEMO, [f"data.train={shards}", "data.sampling=source", "run.name=no-source"])
     with pytest.raises(JobError, match="data.sampling=source needs a `source` column"):
-        train.build_trainer(cfg, args, "no-source", {})
-    cfg.data.sampling = "tile"
-    assert train.build_trainer(cfg, args, "no-source", {}) is not None
+        build_trainer(cfg, num_workers=2, use_gpu=False, loop_config={})
+    tile = cfg.with_values({"data.sampling": "tile"})
+    assert build_trainer(tile, num_workers=2, use_gpu=False, loop_config={}) is not None

@@ -66,13 +66,14 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_stopped_trial_frees_its_workers_when_train_does_not_abort_in_time(ray_local):
     """A Train controller that is slow to abort (Train waits ~10 s for its state-API cleaner where there is no
     dashboard; Tune kills a stopping trial at 10 s): the trial removes the workers' placement group itself."""
     from ray.util.placement_group import placement_group
     from ray.util.queue import Queue
 
-    from jobs import tune_trial
+    from jobs.sweeps import trial as tune_trial
 
     @ray_local.remote(num_cpus=0)
     class SlowController:

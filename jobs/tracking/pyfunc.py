@@ -33,12 +33,12 @@ PIP_REQUIREMENTS = ["torch", "torchvision", "numpy", "pillow", "scipy", "pyarrow
 
 
 class GeneratorModel(PythonModel):
-    """pyfunc wrapper around `gan_core.models.load_generator` and tiled inference."""
+    """pyfunc wrapper around `gan_core.checkpoint.load_generator` and tiled inference."""
 
     def load_context(self, context) -> None:
         import torch
 
-        from gan_core.models import load_generator
+        from gan_core.checkpoint import load_generator
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.generator = load_generator(context.artifacts[GENERATOR_ARTIFACT], device=self.device)
@@ -94,12 +94,12 @@ def model_signature() -> ModelSignature:
 
 
 def log_generator_model(generator_file: str | Path, name: str = "generator", registered_model_name: str | None = None):
-    """Log an inference checkpoint (see `gan_core.checkpoint.export_generator`) as a pyfunc model.
+    """Log a generator file (see `gan_core.checkpoint.save_generator` / `export_generator`) as a pyfunc model.
 
     Call inside an active MLflow run (or none: MLflow then logs a model without a run).
 
     Args:
-        generator_file: a file that `gan_core.models.load_generator` reads (slim checkpoint or BasicSR .pth).
+        generator_file: a file that `gan_core.checkpoint.load_generator` reads (generator file or BasicSR .pth).
         name: the model's name within the run.
         registered_model_name: also register it as a new version of this registered model.
 
@@ -109,7 +109,7 @@ def log_generator_model(generator_file: str | Path, name: str = "generator", reg
     Raises:
         FileNotFoundError, ValueError: the file is missing or not a generator (checked before logging).
     """
-    from gan_core.models import load_generator
+    from gan_core.checkpoint import load_generator
 
     load_generator(generator_file)  # fail here, with load_generator's clear message, not at serving time
     example = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)

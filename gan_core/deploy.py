@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from gan_core.models.loading import rrdb_kwargs_from_state_dict
-from gan_core.models.rrdb import RRDBNet
+from gan_core.files import atomic_torch_save
+from gan_core.models import build_generator, generator_config
 
 INT8_FORMAT = "gan_core/int8-fx/1"
 ONNX_INPUT, ONNX_OUTPUT = "lq", "sr"
@@ -97,17 +95,6 @@ def onnx_max_abs_diff(generator: nn.Module, onnx_file: str | Path, inputs: Itera
     return worst
 
 
-def generator_kwargs(generator: nn.Module) -> dict[str, Any]:
-    """The RRDBNet constructor arguments that rebuild `generator` (res_scale included).
-
-    Raises:
-        TypeError: `generator` is not an RRDBNet.
-    """
-    if not isinstance(generator, RRDBNet):
-        raise TypeError(f"int8 export supports RRDBNet generators, got {type(generator).__name__}")
-    return {**rrdb_kwargs_from_state_dict(generator.state_dict()), "res_scale": float(generator.res_scale)}
-
-
 def _use_backend(backend: str) -> None:
     if backend not in QUANT_BACKENDS:
         raise ValueError(f"unknown quantization backend {backend!r}; valid: {list(QUANT_BACKENDS)}")
@@ -126,6 +113,10 @@ def _prepare(generator: nn.Module, backend: str, example: torch.Tensor,
     mapping = get_default_qconfig_mapping(backend)
     for name in keep_float:
         mapping = mapping.set_module_name(name, None)
+    if getattr(generator, "upsample_skip", "none") in ("bilinear", "bicubic"):
+        # Quantized kernels exist for nearest upsampling only: the interpolations stay in float (the skip's
+        # bilinear / bicubic upscale of the input, and with it the trunk's two nearest ones).
+        mapping = mapping.set_object_type(torch.nn.functional.interpolate, None)
     return prepare_fx(copy.deepcopy(generator).cpu().eval(), mapping, (example,))
 
 
@@ -179,7 +170,7 @@ def quantize_int8(generator: nn.Module, calibration: Iterable[torch.Tensor], *, 
         return _convert(observed)
 
 
-def save_int8(model: nn.Module, kwargs: dict[str, Any], out_file: str | Path, backend: str = "x86",
+def save_int8(model: nn.Module, float_generator: nn.Module, out_file: str | Path, backend: str = "x86",
               keep_float: tuple[str, ...] = ()) -> Path:
     """Write a quantized model as its state dict plus the recipe that rebuilds its graph.
 
@@ -187,21 +178,17 @@ def save_int8(model: nn.Module, kwargs: dict[str, Any], out_file: str | Path, ba
 
     Args:
         model: the output of `quantize_int8`.
-        kwargs: `generator_kwargs` of the float model it came from.
+        float_generator: the float model it came from; its full config (`generator_config`) is stored,
+            so every option (res_scale, upsample_skip, ...) is rebuilt.
         out_file: the file to write.
         backend, keep_float: what it was quantized with.
 
     Returns:
         The written path.
     """
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": INT8_FORMAT, "generator": {"name": "rrdb", **kwargs}, "backend": backend,
+    payload = {"format": INT8_FORMAT, "generator": generator_config(float_generator), "backend": backend,
                "keep_float": list(keep_float), "state_dict": model.state_dict()}
-    tmp = out_file.with_name(f".{out_file.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, out_file)
-    return out_file
+    return atomic_torch_save(payload, out_file)
 
 
 def load_int8(path: str | Path) -> nn.Module:
@@ -217,7 +204,6 @@ def load_int8(path: str | Path) -> nn.Module:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != INT8_FORMAT:
         raise ValueError(f"{path} is not a {INT8_FORMAT} file")
-    kwargs = {k: v for k, v in payload["generator"].items() if k != "name"}
     backend = payload["backend"]
     _use_backend(backend)
     # The graph (and so the state dict's keys) is a function of the architecture alone; the
@@ -226,7 +212,7 @@ def load_int8(path: str | Path) -> nn.Module:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao")
-        model = _convert(_prepare(RRDBNet(**kwargs), backend, example, tuple(payload.get("keep_float", ()))))
+        model = _convert(_prepare(build_generator(**payload["generator"]), backend, example, tuple(payload.get("keep_float", ()))))
     model.load_state_dict(payload["state_dict"])
     return model.eval()
 

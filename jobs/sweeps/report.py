@@ -19,8 +19,8 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from gan_core.config import config_to_yaml
-from jobs.tune_space import SpaceFile, trial_config
-from jobs.tune_trial import TRIAL_ID_TAG
+from jobs.sweeps.space import SpaceFile, trial_config
+from jobs.sweeps.trial import TRIAL_ID_TAG
 
 MLFLOW_STATUS = {"finished": "FINISHED", "stopped early": "KILLED", "error": "FAILED", "interrupted": "KILLED"}
 

@@ -23,13 +23,21 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gan_core.config import Config, ConfigError, apply_overrides, config_from_dict, known_keys, read_yaml_mapping
-
-# What the training workers report at each validation (jobs.worker: `val/` + gan_core.evaluation's keys).
-REPORTED_METRICS = (
-    "val/psnr", "val/ssim", "val/psnr_y", "val/ssim_y", "val/bicubic_psnr_y", "val/bicubic_ssim_y",
-    "val/gain_psnr_y", "val/lpips",
+from gan_core.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    known_keys,
+    read_yaml_mapping,
+    set_dotted,
+    validation_error,
+    yaml_number,
 )
+from gan_core.scoring import REPORTED_KEYS
+
+# What the training loop reports at each validation (gan_core.loop: `val/` + gan_core.scoring's keys).
+REPORTED_METRICS = tuple(f"val/{key}" for key in REPORTED_KEYS)
 TIME_ATTR = "step"  # schedulers count G steps (reported with every validation), not Tune iterations
 DISTRIBUTION_KINDS = ("choice", "uniform", "loguniform", "randint", "grid")
 
@@ -62,7 +70,7 @@ class Distribution(_Strict):
     @classmethod
     def _numbers_as_numbers(cls, values: list[Any] | None) -> list[Any] | None:
         # YAML 1.1 reads `2e-4` (no dot) as a string; in a list of options it would stay one.
-        return None if values is None else [_as_number(v) for v in values]
+        return None if values is None else [yaml_number(v) for v in values]
 
     @model_validator(mode="after")
     def _one_kind_with_sane_bounds(self) -> Distribution:
@@ -204,15 +212,6 @@ class SpaceFile(_Strict):
         return found
 
 
-def _as_number(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
 # -- loading -----------------------------------------------------------------
 
 
@@ -234,7 +233,7 @@ def load_space(path: str | Path) -> SpaceFile:
     try:
         space = SpaceFile.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"{path} is invalid:\n" + "\n".join(_describe(e) for e in err.errors())) from None
+        raise validation_error(err, str(path)) from None
     space.base = str(_find_base(space.base, path))
     return space
 
@@ -247,16 +246,6 @@ def _find_base(base: str, space_path: Path) -> Path:
         if candidate.is_file():
             return candidate.resolve()
     raise ConfigError(f"{space_path}: base recipe {base!r} not found (tried {', '.join(str(c) for c in candidates)})")
-
-
-def _describe(error: dict[str, Any]) -> str:
-    # Union members add their tag to the location (`scheduler.asha.grace_period`), dict keys a `[key]` marker.
-    loc = [str(part) for part in error["loc"] if part != "[key]"]
-    path = ".".join(loc) or "<top level>"
-    message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        message = "unknown key"
-    return f"  {path}: {message}"
 
 
 def resolve_base_config(space: SpaceFile, cli_overrides: list[str] | None = None) -> Config:
@@ -272,27 +261,13 @@ def resolve_base_config(space: SpaceFile, cli_overrides: list[str] | None = None
     return config_from_dict(data, source=f"{space.base} with the space's and the command line's overrides")
 
 
-def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    """`set_dotted(d, "optim.g_lr", 2e-4)` sets d["optim"]["g_lr"]; sections are created when missing."""
-    *sections, leaf = key.split(".")
-    node = data
-    for section in sections:
-        node = node.setdefault(section, {})
-    node[leaf] = value
-
-
 def trial_config(base: dict[str, Any], params: dict[str, Any], source: str = "trial config") -> Config:
     """The config of one trial: the base recipe (as a dict) with each sampled dotted key set.
 
     Raises:
         ConfigError: the combination does not fit the schema.
     """
-    import copy
-
-    data = copy.deepcopy(base)
-    for key, value in params.items():
-        set_dotted(data, key, value)
-    return config_from_dict(data, source=source)
+    return config_from_dict(base, source=source).with_values(params, source=source)
 
 
 def check_samples(space: SpaceFile, base: Config) -> int:

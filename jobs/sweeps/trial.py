@@ -18,12 +18,11 @@ hands it over) and kills the controller: a stopped trial never keeps CPUs or GPU
 
 A trial that starts from a Tune checkpoint (its own after a pause or a resumed sweep, or a donor's after
 a PBT exploit) runs a fresh Train run seeded with it (`resume_from` in the loop config); the workers
-restore it and re-apply this trial's learning rates (jobs.worker.TrainingWorker.restore).
+restore it and re-apply this trial's learning rates (gan_core.loop.restore).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import queue
 import shutil
@@ -41,8 +40,8 @@ except ImportError:  # another Ray layout: stopped trials then rely on Train's a
     WorkerGroupCallback = object
 
 from gan_core.config import flatten
-from jobs.tracking import get_or_create_run, log_params_once
-from jobs.tune_space import trial_config
+from jobs.sweeps.space import trial_config
+from jobs.tracking.runs import get_or_create_run, log_params_once
 
 TRIAL_ID_TAG = "gan.trial_id"
 SWEEP_TAG = "gan.sweep"
@@ -160,16 +159,16 @@ def run_trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
 
     Args:
         config: this trial's searched values, dotted keys (what the searcher / PBT chose).
-        settings: the sweep's constants (see jobs.tune.trial_settings).
+        settings: the sweep's constants (see jobs.sweeps.tuner.trial_settings).
     """
     import ray.data
     import ray.tune
     from ray.util.queue import Queue
 
-    from jobs.train import build_trainer
+    from jobs.training.trainer import build_trainer
 
     trial_id = ray.tune.get_context().get_trial_id()
-    ray.data.DataContext.get_current().enable_progress_bars = False  # as in jobs.common.init_ray, per process
+    ray.data.DataContext.get_current().enable_progress_bars = False  # as in jobs.cli.init_ray, per process
     params = {key: config[key] for key in settings["searched_keys"] if key in config}
     cfg = trial_config(settings["base"], params, source=f"trial {trial_id} ({params})")
 
@@ -193,14 +192,13 @@ def run_trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
     # 3. A fresh Train run per start, so Train never restores a stale run of this trial by name.
     train_storage = Path(settings["train_storage"])
     _remove_previous_train_runs(train_storage, trial_id)
-    cfg.run.storage_path = str(train_storage)
-    cfg.run.name = f"{trial_id}-{uuid.uuid4().hex[:6]}"
+    cfg = cfg.with_values({"run.storage_path": str(train_storage), "run.name": f"{trial_id}-{uuid.uuid4().hex[:6]}"})
     loop_config = {"config": cfg.model_dump(mode="json"), "tracking_uri": settings["tracking_uri"],
                    "run_id": run_id, "resume_from": checkpoint}
     inbox = Queue(maxsize=1, actor_options={"num_cpus": 0})
     acks = Queue(maxsize=1, actor_options={"num_cpus": 0})
-    args = argparse.Namespace(num_workers=settings["workers_per_trial"], use_gpu=settings["use_gpu"])
-    trainer = build_trainer(cfg, args, cfg.run.name, loop_config, callbacks=trial_callbacks(inbox, acks),
+    trainer = build_trainer(cfg, num_workers=settings["workers_per_trial"], use_gpu=settings["use_gpu"],
+                            loop_config=loop_config, callbacks=trial_callbacks(inbox, acks),
                             resources_per_worker=settings["resources_per_worker"])
     # 4. Train in a helper thread; this (Tune's) thread reports. When Tune stops or pauses the trial,
     #    ray.tune.report never returns here: SweepTrial.cleanup aborts the Train run and the actor exits.

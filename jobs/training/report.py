@@ -18,7 +18,7 @@ def finish_run(client: MlflowClient, run_id: str, cfg: Config, result) -> dict[s
     Returns:
         The last metrics rank 0 reported.
     """
-    from jobs.pyfunc_model import log_generator_model
+    from jobs.tracking.pyfunc import log_generator_model
 
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     if result.checkpoint is None:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from gan_core.models.loading import CHECKPOINT_FILENAME
-from jobs.common import JobError
+from gan_core.checkpoint import CHECKPOINT_FILE
+from jobs.cli import JobError
 
 MLFLOW_SCHEMES = ("runs:/", "models:/")
 MODEL_HELP = "checkpoint dir | .pt/.pth | runs:/<id>[/<name>] | models:/<name>@<alias> | models:/<name>/<N>"
@@ -31,7 +31,7 @@ class ModelSource:
 
     Attributes:
         spec: what the user passed.
-        path: a local file that `gan_core.models.load_generator` reads.
+        path: a local file that `gan_core.checkpoint.load_generator` reads.
         run_id: the MLflow run it belongs to, when known.
         model_uri: the MLflow model URI, when it is a logged model.
     """
@@ -82,17 +82,17 @@ def local_checkpoint_file(path: Path) -> Path:
         return path
     if not path.is_dir():
         raise JobError(f"--model {path}: no such file or folder (expected a checkpoint dir, .pt/.pth or MLflow URI)")
-    if (path / CHECKPOINT_FILENAME).is_file():
-        return path / CHECKPOINT_FILENAME
+    if (path / CHECKPOINT_FILE).is_file():
+        return path / CHECKPOINT_FILE
     # A Ray Train storage folder: checkpoint_000003/checkpoint.pt, ... (the name sorts by index).
-    nested = sorted(path.rglob(f"checkpoint_*/{CHECKPOINT_FILENAME}"), key=lambda p: (p.parent.name, str(p)))
+    nested = sorted(path.rglob(f"checkpoint_*/{CHECKPOINT_FILE}"), key=lambda p: (p.parent.name, str(p)))
     if nested:
         return nested[-1]
-    raise JobError(f"--model {path}: the folder holds no {CHECKPOINT_FILENAME}")
+    raise JobError(f"--model {path}: the folder holds no {CHECKPOINT_FILE}")
 
 
 def slim_generator_file(path: Path, out_dir: Path) -> Path:
-    """A training checkpoint reduced to its generator weights (EMA when present), else `path` unchanged.
+    """A training checkpoint reduced to a generator file (EMA weights when present), else `path` unchanged.
 
     Training checkpoints also hold the discriminator, optimizer states and RNG: several times the
     weights' size, which matters when the file is shipped to every Ray actor.
@@ -149,7 +149,7 @@ def run_generator(run, download_dir: Path, spec: str | None = None) -> ModelSour
 
 
 def _download_pyfunc_generator(uri: str, download_dir: Path) -> Path:
-    """Download a pyfunc model logged by `jobs.pyfunc_model` and return its generator artifact."""
+    """Download a pyfunc model logged by `jobs.tracking.pyfunc` and return its generator artifact."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -166,7 +166,7 @@ def _download_pyfunc_generator(uri: str, download_dir: Path) -> Path:
     flavor = (yaml.safe_load(mlmodel.read_text()).get("flavors") or {}).get("python_function") or {}
     artifact = (flavor.get("artifacts") or {}).get("generator")
     if not artifact:
-        raise JobError(f"--model {uri}: the model has no `generator` artifact; was it logged by jobs.pyfunc_model?")
+        raise JobError(f"--model {uri}: the model has no `generator` artifact; was it logged by this project (jobs.tracking.pyfunc)?")
     path = local / artifact["path"]
     if not path.is_file():
         raise JobError(f"--model {uri}: artifact {artifact['path']} is missing from the downloaded model")

@@ -1,20 +1,48 @@
-"""MLflow from the training processes: one run per training run, found again on resume.
+"""MLflow runs: one run per training run (found again on resume), logging that never stops training,
+and the tags every run carries.
 
-Logging never stops training: when the server goes away mid-run, each failed call is
-counted and said loudly, and the count is printed at the end.
+When the server goes away mid-run, each failed logging call is counted and said loudly, and the count
+is printed at the end.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 
+from jobs.tracking.server import fail_fast_http
+
 RUN_NAME_TAG = "gan.run_name"
+def git_commit() -> str:
+    """The project's git commit, or 'unknown' outside a checkout (e.g. a `ray job submit` working dir)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def ray_job_id() -> str:
+    """The Ray job submission id (`raysubmit_...`) when run through `ray job submit`, else ''.
+
+    Ray 2.60 hands it to the entrypoint inside the job config JSON (metadata.job_submission_id).
+    """
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    except ValueError:
+        config = {}
+    return (config.get("metadata") or {}).get("job_submission_id", "") or os.environ.get("RAY_JOB_SUBMISSION_ID", "")
 
 
 def get_or_create_run(client: MlflowClient, experiment: str, run_name: str, tags: dict[str, str]) -> tuple[str, bool]:
@@ -40,6 +68,7 @@ class RunLogger:
     """Rank 0's handle on its MLflow run; every call survives an unreachable server."""
 
     def __init__(self, tracking_uri: str, run_id: str):
+        fail_fast_http()  # in this (worker) process too: a lost server costs seconds per call, not minutes
         self.client = MlflowClient(tracking_uri)
         self.tracking_uri = tracking_uri
         self.run_id = run_id
@@ -64,6 +93,16 @@ class RunLogger:
 
     def image(self, image, artifact_file: str) -> None:
         self._try(artifact_file, self.client.log_image, self.run_id, image, artifact_file=artifact_file)
+
+    def sample_grid(self, image, step: int) -> None:
+        """A validation sample grid, as `samples/step_<step>.png`."""
+        self.image(image, f"samples/step_{step:07d}.png")
+
+    def say_failures(self) -> None:
+        """At the end of a run: how many logging calls were lost, if any."""
+        if self.failures:
+            print(f"!! {self.failures} MLflow logging call(s) failed during this run; see the messages above",
+                  file=sys.stderr, flush=True)
 
     def text(self, text: str, artifact_file: str) -> None:
         self._try(artifact_file, self.client.log_text, self.run_id, text, artifact_file)

@@ -1,0 +1,323 @@
+"""The training loop of one worker: cadence (log, validate, checkpoint), means over workers, progress.
+
+Plain PyTorch. Under DDP (torch.distributed initialised by the caller, e.g. Ray Train) the loop
+all-reduces what it logs and what it validates, so every worker reads the same numbers; with one
+process it needs nothing else. What happens around the loop comes in as `Hooks`: `jobs/` hands Ray
+Train's report and MLflow logging in; a test or a benchmark hands in nothing.
+
+    state = setup_state(cfg, device)
+    sampler = make_sampler(cfg, images)
+    metrics = fit(state, device_batches(sampler, device, cfg), cfg,
+                  Hooks(validate=validator(state, val_images, cfg, device)))
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gan_core.build import build_state
+from gan_core.checkpoint import load_checkpoint, load_sampler_state, save_checkpoint, save_sampler_state
+from gan_core.config import Config
+from gan_core.data import PatchSampler
+from gan_core.schedules import set_base_lr
+from gan_core.scoring import evaluate_images, load_eval_images, load_lpips, mean_metrics, sample_grid
+from gan_core.step import TrainState, phase, train_step, unwrap
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became inf or nan. Every worker raises it at the same step (the check reads all-reduced
+    means), and it is deterministic: restarting from the last checkpoint would only repeat it."""
+
+
+def _ignore(*args: Any) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the loop hands to its caller. Every hook is optional.
+
+    Attributes:
+        validate: returns the validation metrics (the same on every worker); called every
+            `train.val_every` steps and whenever a checkpoint is due.
+        checkpoint: writes a checkpoint folder and returns it; called when one is due.
+        report: gets each validation's metrics (with `step`) and the checkpoint folder or None;
+            the folder is removed once it returns (Ray Train copies it to its storage).
+        log: gets the window means (and `perf/img_per_s`) every `train.log_every` steps, and each
+            validation's metrics, with the step.
+    """
+
+    validate: Callable[[], dict[str, float]] = dict
+    checkpoint: Callable[[], Path | None] = _ignore
+    report: Callable[[dict[str, float], Path | None], None] = _ignore
+    log: Callable[[dict[str, float], int], None] = _ignore
+
+
+# -- set-up ---------------------------------------------------------------------------------------
+
+
+def setup_state(cfg: Config, device: torch.device) -> TrainState:
+    """Threads, seed and a fresh TrainState. The same seed on every worker gives the same initial
+    weights everywhere (DDP also broadcasts rank 0's)."""
+    if cfg.train.threads_per_worker and device.type == "cpu":
+        torch.set_num_threads(cfg.train.threads_per_worker)
+    torch.manual_seed(cfg.train.seed)
+    return build_state(cfg, device)
+
+
+def restore(state: TrainState, directory: str | Path, cfg: Config, rank: int = 0,
+            ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Continue from a checkpoint folder: models, optimizers, RNG, this worker's sampler position.
+
+    The config wins over the optimizer state in the checkpoint: a resume with `optim.g_lr=...`, or a PBT
+    exploit (a donor's checkpoint with mutated learning rates), trains with the learning rates asked for.
+
+    Returns:
+        (the checkpoint's `extra`, this worker's sampler state or None).
+    """
+    extra = load_checkpoint(directory, state)
+    set_base_lr(state.g_optimizer, state.g_scheduler, cfg.optim.g_lr)
+    if state.d_optimizer is not None:
+        set_base_lr(state.d_optimizer, state.d_scheduler, cfg.optim.d_lr)
+    return extra, load_sampler_state(directory, rank)
+
+
+def wrap_models(state: TrainState, cfg: Config, wrap_generator: Callable[[nn.Module], nn.Module] = lambda m: m,
+                wrap_discriminator: Callable[[nn.Module], nn.Module] = lambda m: m) -> None:
+    """Wrap G and D (separately, e.g. for DDP), then compile them when `train.compile` asks."""
+    state.generator = wrap_generator(state.generator)
+    if state.discriminator is not None:
+        state.discriminator = wrap_discriminator(state.discriminator)
+    if not cfg.train.compile:
+        return
+    state.generator = torch.compile(state.generator)
+    if state.discriminator is not None and (cfg.loss.gp_weight > 0 or cfg.loss.r1_weight > 0):
+        # aot_autograd has no double backward, which the gradient penalty and R1 need.
+        print("train.compile: D stays eager because loss.gp_weight / loss.r1_weight need double backward", flush=True)
+    elif state.discriminator is not None:
+        state.discriminator = torch.compile(state.discriminator)
+
+
+def make_sampler(cfg: Config, images: list, *, rank: int = 0, sources: list[str] | None = None,
+                 sampler_state: dict[str, Any] | None = None) -> PatchSampler:
+    """The patch sampler of one worker; with `data.sampling: source`, every source photo equally often.
+
+    Args:
+        cfg: the run config (patch size, batch, augmentations, degradation, seed).
+        images: this worker's HR images (arrays or (name, array) pairs).
+        rank: this worker's rank: workers draw different patches.
+        sources: the source photo of each image (needed for `data.sampling: source`).
+        sampler_state: a saved position to continue from.
+    """
+    data = cfg.data
+    sampler = PatchSampler(
+        images, patch_size=data.patch_size, scale=cfg.generator.scale, batch_size=data.batch_size,
+        seed=cfg.train.seed, rank=rank, hflip=data.hflip, rot90=data.rot90, color_jitter=data.color_jitter,
+        degradation=data.degradation.model_dump(), groups=sources if data.sampling == "source" else None,
+    )
+    if sampler_state is not None:
+        sampler.load_state_dict(sampler_state)
+    return sampler
+
+
+def device_batches(batches: Iterable[Batch], device: torch.device, cfg: Config) -> Iterator[Batch]:
+    """The batches on `device`, channels_last when the config asks for it."""
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    for lq, gt in batches:
+        yield (lq.to(device, memory_format=memory_format, non_blocking=True),
+               gt.to(device, memory_format=memory_format, non_blocking=True))
+
+
+def load_validation_images(cfg: Config) -> list[np.ndarray]:
+    """The validation HR images of `data.val` (images or shards), at most `data.max_val_images`, cropped
+    to `data.val_crop`.
+
+    Raises:
+        FileNotFoundError: data.val is missing or holds no readable image.
+    """
+    try:
+        named = load_eval_images(cfg.data.val, cfg.data.max_val_images, cfg.data.val_crop)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"data.val: {err} (run `python -m jobs.prepare_data --demo` for the demo)") from None
+    return [img for _, img in named]
+
+
+def validation_lpips(device: torch.device, announce: bool) -> nn.Module | None:
+    """LPIPS (AlexNet) for validation when its backbone weights are on this machine, else None."""
+    lpips, why = load_lpips()
+    if lpips is None and announce:
+        print(f"validation without LPIPS: {why}", flush=True)
+    return lpips.to(device) if lpips is not None else None
+
+
+# -- the standard hooks ------------------------------------------------------------------------------
+
+
+def validator(state: TrainState, images: list[np.ndarray], cfg: Config, device: torch.device, *,
+              lpips: nn.Module | None = None, rank: int = 0, world_size: int = 1,
+              on_sample: Callable[[np.ndarray, int], None] | None = None) -> Callable[[], dict[str, float]]:
+    """The `validate` hook: each worker scores its slice of `images`, the sums are all-reduced.
+
+    Args:
+        on_sample: gets a sample grid (LR | output | HR of the first image) and the step at each validation.
+
+    Returns:
+        A function returning `val/<metric>` means over all images (the EMA generator when there is one).
+    """
+    mine = images[rank::world_size]
+
+    def validate() -> dict[str, float]:
+        model = state.generator_ema or unwrap(state.generator)
+        was_training = model.training
+        model.eval()
+        sums = evaluate_images(model, mine, cfg.generator.scale, device, lpips=lpips, bf16=cfg.train.bf16)
+        sums = _sum_over_workers(sums, device)
+        if on_sample is not None:
+            on_sample(sample_grid(model, images[0], cfg.generator.scale, device), state.step)
+        model.train(was_training)
+        return {f"val/{key}": value for key, value in mean_metrics(sums).items()}
+
+    return validate
+
+
+def checkpointer(state: TrainState, cfg: Config, sampler: PatchSampler | None, *, rank: int = 0,
+                 extra: dict[str, Any] | None = None) -> Callable[[], Path]:
+    """The `checkpoint` hook: a fresh temporary folder with the full checkpoint (written by rank 0) and this
+    worker's sampler position. The loop removes the folder after `report`."""
+
+    def write() -> Path:
+        directory = Path(tempfile.mkdtemp(prefix="gan-ckpt-"))
+        if rank == 0:
+            save_checkpoint(directory, state, cfg, extra=extra)
+        if sampler is not None:
+            save_sampler_state(directory, rank, sampler.state_dict())
+        return directory
+
+    return write
+
+
+# -- the loop -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Window:
+    """Loss sums of the steps since the last log line, kept on the device (no host sync per step)."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        for key, value in losses.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value.detach().double()
+            self.counts[key] = self.counts.get(key, 0) + 1
+        self.steps += 1
+
+
+def fit(state: TrainState, batches: Iterator[Batch], cfg: Config, hooks: Hooks = Hooks(), *,
+        rank: int = 0, world_size: int = 1) -> dict[str, float]:
+    """Train `state` to `train.total_steps`.
+
+    Every `train.log_every` steps (and before every validation) the window's loss means are averaged over
+    all workers, checked for inf/nan and handed to `hooks.log`; rank 0 prints a progress line. Every
+    `train.val_every` steps, and whenever a checkpoint is due (`train.ckpt_every`, the last step), it
+    validates and reports, with a checkpoint when one is due.
+
+    Args:
+        state: models and optimizers (restored or fresh, wrapped as the caller wants).
+        batches: an endless iterator of (lq, gt) on the models' device.
+        cfg: the run config.
+        hooks: see `Hooks`.
+        rank, world_size: this worker's place in the DDP group (1 without DDP).
+
+    Returns:
+        The last validation's metrics (with `step` and `perf/img_per_s`); {} when none ran.
+
+    Raises:
+        NonFiniteLossError: a logged loss mean is inf or nan (raised on every worker at the same step).
+    """
+    total, train_cfg = cfg.train.total_steps, cfg.train
+    device = next(unwrap(state.generator).parameters()).device
+    window, first_step, run_start = _Window(), state.step, time.perf_counter()
+    img_per_s, last = 0.0, {}
+    while state.step < total:
+        window.add(train_step(state, batches, cfg))
+        step = state.step
+        checkpoint_due = step % train_cfg.ckpt_every == 0 or step == total
+        validation_due = checkpoint_due or step % train_cfg.val_every == 0
+        if step % train_cfg.log_every == 0 or validation_due:
+            elapsed = time.perf_counter() - window.start
+            img_per_s = window.steps * cfg.data.batch_size * world_size / max(elapsed, 1e-9)
+            means = _window_means(window, device)
+            _check_finite(means, step)
+            if rank == 0:
+                _progress(step, cfg, means, img_per_s, (time.perf_counter() - run_start) / (step - first_step))
+            hooks.log(means | {"perf/img_per_s": img_per_s}, step)
+            window = _Window()
+        if validation_due:
+            last = hooks.validate() | {"step": step, "perf/img_per_s": img_per_s}
+            hooks.log({k: v for k, v in last.items() if k != "step"}, step)
+            if rank == 0 and "val/psnr_y" in last:
+                print(f"[val] step {step}: PSNR-Y {last['val/psnr_y']:.3f} dB (bicubic {last['val/bicubic_psnr_y']:.3f}, "
+                      f"gain {last['val/gain_psnr_y']:+.3f}), SSIM-Y {last['val/ssim_y']:.4f}", flush=True)
+            directory = hooks.checkpoint() if checkpoint_due else None
+            try:
+                hooks.report(last, directory)
+            finally:
+                if directory is not None:
+                    shutil.rmtree(directory, ignore_errors=True)
+    return last
+
+
+def _sum_over_workers(sums: dict[str, float], device: torch.device) -> dict[str, float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return sums
+    keys = sorted(sums)
+    tensor = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return dict(zip(keys, tensor.tolist()))
+
+
+def _window_means(window: _Window, device: torch.device) -> dict[str, float]:
+    """Means over every worker's steps: each worker trains on its own shard, so rank 0's losses alone
+    describe only its part of the data. One small all-reduce per log line; D losses exist only in GAN
+    steps, which may start mid-window, hence a count per key."""
+    keys = sorted(window.sums)
+    if not keys:
+        return {}
+    stats = torch.stack([torch.stack([window.sums[k].to(device), torch.tensor(float(window.counts[k]),
+                                      dtype=torch.float64, device=device)]) for k in keys])  # (K, 2)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(stats)
+    return {k: total / count for k, (total, count) in zip(keys, stats.tolist())}
+
+
+def _check_finite(means: dict[str, float], step: int) -> None:
+    bad = {k: v for k, v in means.items() if not math.isfinite(v)}
+    if bad:
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+        raise NonFiniteLossError(
+            f"non-finite loss by step {step} ({shown}): lower the learning rates (optim.g_lr / optim.d_lr), "
+            "set optim.grad_clip, or turn train.bf16 off")
+
+
+def _progress(step: int, cfg: Config, means: dict[str, float], img_per_s: float, seconds_per_step: float) -> None:
+    eta = seconds_per_step * (cfg.train.total_steps - step)
+    shown = " ".join(f"{k} {v:.4g}" for k, v in means.items() if k.startswith(("g/", "d/")) and "logit" not in k)
+    print(f"step {step}/{cfg.train.total_steps} [{phase(step - 1, cfg)}] {img_per_s:.1f} img/s {shown} "
+          f"lr {means.get('lr/g', 0):.2e} ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)

@@ -1,0 +1,51 @@
+"""What every command-line job shares: user errors and exit codes, and joining or starting Ray."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+class JobError(RuntimeError):
+    """A problem the user must fix (bad path, unreachable server); printed without a traceback."""
+
+
+def configure_environment() -> None:
+    """Settings every job wants before Ray starts (defaults only: the user's environment wins)."""
+    # Ray Train V2 routes print() into its logger as well as stdout: every progress line would show twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def init_ray(num_cpus_hint: int | None = None) -> None:
+    """Join the cluster in $RAY_ADDRESS (or a running `ray job`), else start a local Ray.
+
+    Locally, Ray is told about at least `num_cpus_hint` logical CPUs: training workers each hold one,
+    and Ray Data's readers need a slot of their own or they wait forever on a small laptop.
+    """
+    configure_environment()
+    import ray
+    import ray.data
+
+    # Per-row progress bars from Ray Data drown the training log; the job prints its own progress.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return
+    cpus = max(os.cpu_count() or 1, num_cpus_hint or 0)
+    # address="local": a fresh local cluster, never a stale one that /tmp/ray remembers.
+    ray.init(address="local", num_cpus=cpus, log_to_driver=True)
+
+
+def run_main(main) -> None:
+    """Call `main()`, turning user-facing errors into one clear line and exit status 2."""
+    from gan_core.config import ConfigError
+
+    configure_environment()
+    try:
+        main()
+    except (JobError, ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

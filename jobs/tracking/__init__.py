@@ -1,0 +1,1 @@
+"""MLflow: runs and their logging, the model registry, the pyfunc model, and resolving `--model`."""
