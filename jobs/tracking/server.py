@@ -16,6 +16,25 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TRACKING_HELP = "MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
 
 
+def redact_uri(uri: str) -> str:
+    """`uri` with any password replaced by `***` (`http://user:secret@host` -> `http://user:***@host`): for every
+    line a job prints or logs. Query strings that carry tokens (`?token=...`, `?X-Amz-...`) are dropped."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<unparsable URI>"
+    netloc = parts.netloc
+    if "@" not in netloc and not parts.query:
+        return uri  # nothing secret; urlunsplit would also mangle sqlite:////abs/path
+    if "@" in netloc:
+        credentials, host = netloc.rsplit("@", 1)
+        user = credentials.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if ":" in credentials else f"***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", parts.fragment))
+
+
 def resolve_tracking_uri(cli_value: str | None) -> str:
     """`--tracking-uri`, else $MLFLOW_TRACKING_URI, else SQLite in the working directory.
 
