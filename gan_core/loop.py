@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gan_core.build import build_state
-from gan_core.checkpoint import load_checkpoint, load_sampler_state, save_checkpoint, save_sampler_state
+from gan_core.checkpoint import load_checkpoint, load_sampler_state, save_checkpoint, save_sampler_state, write_manifest
 from gan_core.config import Config
 from gan_core.data import PatchSampler
 from gan_core.schedules import set_base_lr
@@ -195,16 +195,29 @@ def validator(state: TrainState, images: list[np.ndarray], cfg: Config, device: 
 
 
 def checkpointer(state: TrainState, cfg: Config, sampler: PatchSampler | None, *, rank: int = 0,
-                 extra: dict[str, Any] | None = None) -> Callable[[], Path]:
-    """The `checkpoint` hook: a fresh temporary folder with the full checkpoint (written by rank 0) and this
-    worker's sampler position. The loop removes the folder after `report`."""
+                 world_size: int | None = None, extra: dict[str, Any] | None = None) -> Callable[[], Path]:
+    """The `checkpoint` hook: a fresh temporary folder with the full checkpoint (written by rank 0), this
+    worker's sampler position and, written last, this worker's manifest of both (`write_manifest`). The
+    loop removes the folder after `report`.
+
+    Ray Train copies every worker's folder into one storage folder, in no order we control; the manifests
+    (rank 0's names the world size) let a reader tell a complete copy from one cut short
+    (`gan_core.checkpoint.latest_complete_checkpoint`).
+
+    Args:
+        world_size: how many workers write into each checkpoint; by default the size of the initialised
+            torch.distributed group (1 without one).
+    """
 
     def write() -> Path:
+        workers = world_size or (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
         directory = Path(tempfile.mkdtemp(prefix="gan-ckpt-"))
+        written = []
         if rank == 0:
-            save_checkpoint(directory, state, cfg, extra=extra)
+            written.append(save_checkpoint(directory, state, cfg, extra=extra))
         if sampler is not None:
-            save_sampler_state(directory, rank, sampler.state_dict())
+            written.append(save_sampler_state(directory, rank, sampler.state_dict()))
+        write_manifest(directory, written, rank=rank, world_size=workers)
         return directory
 
     return write

@@ -1,7 +1,8 @@
 """`--model` for every job: a checkpoint dir, a .pth, or an MLflow URI, resolved to a local generator file.
 
 Accepted forms:
-    path/to/checkpoint_dir            a folder holding checkpoint.pt (a training checkpoint)
+    path/to/checkpoint_dir            a complete checkpoint folder (checkpoint.pt; its manifest checks out)
+    path/to/run_dir                   a Ray Train run folder: its newest complete checkpoint_* folder
     path/to/checkpoint.pt | x.pth     our checkpoint, a slim export, or BasicSR / Real-ESRGAN weights
     runs:/<run_id>                    the run's logged model (tag `model_uri`), else its checkpoint
                                       (tag `checkpoint_location`)
@@ -9,16 +10,20 @@ Accepted forms:
     models:/<name>@<alias>            a registered model by alias (e.g. models:/esrgan-x4@champion)
     models:/<name>/<version>          a registered model version
     models:/m-<id>                    a logged model (what training writes in the `model_uri` tag)
+
+A run's checkpoint is picked by `gan_core.checkpoint.latest_complete_checkpoint`: a newer checkpoint that
+a full disk or a killed worker left half-copied is skipped, with a line on stderr naming it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import yaml
 
-from gan_core.checkpoint import CHECKPOINT_FILE
+from gan_core.checkpoint import CHECKPOINT_FILE, checkpoint_problem, is_checkpoint_folder, latest_complete_checkpoint
 from jobs.cli import JobError
 
 MLFLOW_SCHEMES = ("runs:/", "models:/")
@@ -72,23 +77,28 @@ def resolve_model(spec: str, download_dir: str | Path) -> ModelSource:
 
 
 def local_checkpoint_file(path: Path) -> Path:
-    """The generator file for a local path: the file itself, `<dir>/checkpoint.pt`, or the newest
-    `checkpoint_*/checkpoint.pt` under a Ray Train run folder.
+    """The generator file for a local path: the file itself, `<dir>/checkpoint.pt` of a complete checkpoint
+    folder, or that of the newest complete `checkpoint_*` folder under a Ray Train run folder (newer,
+    incomplete ones are named on stderr and skipped).
 
     Raises:
-        JobError: no such file or folder, or a folder without a checkpoint.
+        JobError: no such file or folder, an incomplete checkpoint folder (what is wrong with it), or a
+            folder without a complete checkpoint.
     """
     if path.is_file():
         return path
     if not path.is_dir():
         raise JobError(f"--model {path}: no such file or folder (expected a checkpoint dir, .pt/.pth or MLflow URI)")
-    if (path / CHECKPOINT_FILE).is_file():
+    if is_checkpoint_folder(path):
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise JobError(f"--model {path}: incomplete checkpoint ({problem}); pass its run folder "
+                           f"({path.parent}) to use the newest complete one")
         return path / CHECKPOINT_FILE
-    # A Ray Train storage folder: checkpoint_000003/checkpoint.pt, ... (the name sorts by index).
-    nested = sorted(path.rglob(f"checkpoint_*/{CHECKPOINT_FILE}"), key=lambda p: (p.parent.name, str(p)))
-    if nested:
-        return nested[-1]
-    raise JobError(f"--model {path}: the folder holds no {CHECKPOINT_FILE}")
+    try:
+        return latest_complete_checkpoint(path, warn=_say) / CHECKPOINT_FILE
+    except FileNotFoundError as err:
+        raise JobError(f"--model {path}: {err}") from None
 
 
 def slim_generator_file(path: Path, out_dir: Path) -> Path:
@@ -140,11 +150,20 @@ def run_generator(run, download_dir: Path, spec: str | None = None) -> ModelSour
         return ModelSource(spec=spec, path=_download_pyfunc_generator(uri, download_dir / run_id), run_id=run_id,
                            model_uri=uri)
     if tags.get("checkpoint_location"):
-        location = tags["checkpoint_location"]
+        location = Path(tags["checkpoint_location"])
         try:
-            return ModelSource(spec=spec, path=local_checkpoint_file(Path(location)), run_id=run_id)
+            return ModelSource(spec=spec, path=local_checkpoint_file(location), run_id=run_id)
         except JobError as err:
-            raise JobError(f"run {run_id}: checkpoint_location {location} is not readable here ({err})") from err
+            # A tag naming one checkpoint folder that was cut short: the run's newest complete one beside it.
+            if not (location.name.startswith("checkpoint_") and location.parent.is_dir()):
+                raise JobError(f"run {run_id}: checkpoint_location {location} is not readable here ({err})") from err
+            try:
+                folder = latest_complete_checkpoint(location.parent, warn=_say)
+            except FileNotFoundError as none_complete:
+                raise JobError(f"run {run_id}: checkpoint_location {location} is not readable here ({err}), "
+                               f"nor is any other checkpoint of the run ({none_complete})") from err
+            _say(f"run {run_id}: checkpoint_location {location} is incomplete; using {folder}")
+            return ModelSource(spec=spec, path=folder / CHECKPOINT_FILE, run_id=run_id)
     raise JobError(f"run {run_id} has neither a `model_uri` nor a `checkpoint_location` tag: it logged no generator")
 
 
@@ -160,17 +179,47 @@ def _download_pyfunc_generator(uri: str, download_dir: Path) -> Path:
         raise JobError(f"--model {uri}: cannot be downloaded from MLflow ({err.message})") from err
     except OSError as err:
         raise JobError(f"--model {uri}: cannot be downloaded from MLflow ({err})") from err
-    mlmodel = local / "MLmodel"
+    return generator_artifact(local, uri)
+
+
+def generator_artifact(model_dir: Path, uri: str) -> Path:
+    """The generator file of a downloaded pyfunc model: the `generator` artifact its MLmodel names.
+
+    The MLmodel comes from the tracking server, so its artifact path is not trusted: it must lead to a file
+    inside `model_dir` once `..` and links are resolved (not `../../etc/passwd`, not an absolute path).
+
+    Raises:
+        JobError: no MLmodel, no `generator` artifact, a path leading outside `model_dir`, a missing file.
+    """
+    mlmodel = model_dir / "MLmodel"
     if not mlmodel.is_file():
-        raise JobError(f"--model {uri}: not an MLflow model (no MLmodel file in {local})")
-    flavor = (yaml.safe_load(mlmodel.read_text()).get("flavors") or {}).get("python_function") or {}
-    artifact = (flavor.get("artifacts") or {}).get("generator")
-    if not artifact:
+        raise JobError(f"--model {uri}: not an MLflow model (no MLmodel file in {model_dir})")
+    try:
+        description = yaml.safe_load(mlmodel.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise JobError(f"--model {uri}: its MLmodel file is not valid YAML ({err})") from err
+    relative = _lookup(description, "flavors", "python_function", "artifacts", "generator", "path")
+    if not isinstance(relative, str) or not relative:
         raise JobError(f"--model {uri}: the model has no `generator` artifact; was it logged by this project (jobs.tracking.pyfunc)?")
-    path = local / artifact["path"]
+    root = model_dir.resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise JobError(f"--model {uri}: its MLmodel names the generator artifact {relative!r}, which leads outside "
+                       f"the downloaded model ({root}); refusing to read it")
     if not path.is_file():
-        raise JobError(f"--model {uri}: artifact {artifact['path']} is missing from the downloaded model")
+        raise JobError(f"--model {uri}: artifact {relative} is missing from the downloaded model")
     return path
+
+
+def _lookup(node: object, *keys: str) -> object:
+    """node[k1][k2]... of parsed YAML, or None where a level is missing or not a mapping."""
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _model_run_id(uri: str) -> str | None:

@@ -1,7 +1,12 @@
 """gan_core.checkpoint: training checkpoints (exact resume, RNG included), sampler states, generator files
-(every generator option survives), and load_generator on our files and BasicSR's."""
+(every generator option survives), load_generator on our files and BasicSR's, and which checkpoint folders
+are complete (manifests, folders written before them, the newest complete one of a run)."""
 
+import hashlib
+import json
 import os
+import re
+import shutil
 
 import pytest
 import torch
@@ -9,8 +14,15 @@ import torch
 from gan_core.build import build_state
 from gan_core.checkpoint import (
     CHECKPOINT_FILE,
+    MANIFEST_FILE,
+    RAY_SNAPSHOT_FILE,
+    IncompleteCheckpointWarning,
     checkpoint_config,
+    checkpoint_problem,
     export_generator,
+    is_checkpoint_folder,
+    is_complete_checkpoint,
+    latest_complete_checkpoint,
     load_checkpoint,
     load_generator,
     load_sampler_state,
@@ -18,6 +30,7 @@ from gan_core.checkpoint import (
     save_checkpoint,
     save_generator,
     save_sampler_state,
+    write_manifest,
 )
 from gan_core.models import RRDBNet, build_generator, generator_config, rrdb_tiny
 from gan_core.step import train_step
@@ -227,3 +240,169 @@ def test_load_bad_files_raise_clear_errors(tmp_path):
         load_generator(_save(state, tmp_path / "f.pth"))
     with pytest.raises(FileNotFoundError):
         load_generator(tmp_path / "missing")
+
+
+# --- complete checkpoints: manifests, folders written before them, the newest complete one -------------
+
+
+@pytest.fixture(scope="module")
+def complete_folder(tmp_path_factory):
+    """A checkpoint folder as one worker's checkpoint hook leaves it: checkpoint.pt, sampler, manifest."""
+    cfg = tiny_config()
+    directory = tmp_path_factory.mktemp("complete")
+    files = [save_checkpoint(directory, build_state(cfg, torch.device("cpu")), cfg),
+             save_sampler_state(directory, 0, {"epoch": 1, "position": 4})]
+    write_manifest(directory, files)
+    return directory
+
+
+def _copy(source, target):
+    shutil.copytree(source, target)
+    return target
+
+
+def test_manifest_lists_sizes_and_hashes(complete_folder):
+    manifest = json.loads((complete_folder / MANIFEST_FILE).read_text())
+    checkpoint = complete_folder / CHECKPOINT_FILE
+    assert manifest["world_size"] == 1 and manifest["rank"] == 0
+    assert manifest["files"][CHECKPOINT_FILE] == {"bytes": checkpoint.stat().st_size,
+                                                  "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}
+    assert is_complete_checkpoint(complete_folder) and checkpoint_problem(complete_folder) is None
+    assert is_checkpoint_folder(complete_folder) and not is_checkpoint_folder(complete_folder.parent)
+
+
+def _truncate(folder):
+    (folder / CHECKPOINT_FILE).write_bytes((folder / CHECKPOINT_FILE).read_bytes()[:10])
+
+
+def _flip_a_byte(folder):
+    data = bytearray((folder / CHECKPOINT_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / CHECKPOINT_FILE).write_bytes(bytes(data))
+
+
+def _rewrite_manifest(change):
+    def damage(folder):
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        change(manifest)
+        (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return damage
+
+
+@pytest.mark.parametrize(("damage", "reason"), [
+    (lambda folder: (folder / "sampler_rank0.pt").unlink(), r"sampler_rank0.pt is missing \(manifest.json lists it\)"),
+    (lambda folder: (folder / "sampler_rank0.pt").write_bytes(b""), r"sampler_rank0.pt has 0 bytes, manifest.json says \d+"),
+    (_truncate, r"checkpoint.pt has 10 bytes, manifest.json says \d+"),
+    (_flip_a_byte, "checkpoint.pt does not match its SHA-256 in manifest.json"),
+    (lambda folder: (folder / MANIFEST_FILE).write_text('{"format": "gan_core/manifest/1", "fil'),
+     "manifest.json is not valid JSON"),
+    (lambda folder: (folder / MANIFEST_FILE).write_bytes(b""), "manifest.json is not valid JSON"),
+    (lambda folder: (folder / MANIFEST_FILE).rename(folder / "manifest_rank1.json"), "manifest.json is missing"),
+    (_rewrite_manifest(lambda m: m.update(world_size=3)),
+     r"manifest_rank1.json is missing \(worker 1's .*; manifest_rank2.json is missing"),
+    (_rewrite_manifest(lambda m: m["files"].pop(CHECKPOINT_FILE)), "manifest.json lists no checkpoint.pt"),
+    (_rewrite_manifest(lambda m: m["files"].update({"../checkpoint.pt": m["files"][CHECKPOINT_FILE]})),
+     "manifest.json is malformed"),
+    (_rewrite_manifest(lambda m: m.update(format="other/1")), "not a gan_core/manifest/1 manifest"),
+])
+def test_damaged_folder_is_incomplete_with_a_reason(complete_folder, tmp_path, damage, reason):
+    folder = _copy(complete_folder, tmp_path / "checkpoint_000001")
+    damage(folder)
+    assert not is_complete_checkpoint(folder)
+    assert re.search(reason, checkpoint_problem(folder))
+
+
+def test_folder_without_manifest_is_complete_when_it_loads(complete_folder, tmp_path):
+    # Checkpoints written before manifests existed stay usable; a cut-off one does not.
+    old = _copy(complete_folder, tmp_path / "old")
+    (old / MANIFEST_FILE).unlink()
+    assert checkpoint_problem(old) is None
+    generator_only = tmp_path / "generator_only"
+    save_generator(generator_only / CHECKPOINT_FILE, rrdb_tiny())
+    assert checkpoint_problem(generator_only) is None
+    _truncate(old)
+    assert checkpoint_problem(old).startswith("checkpoint.pt does not load (RuntimeError: ")
+    (old / CHECKPOINT_FILE).write_bytes(b"")
+    assert checkpoint_problem(old) == "checkpoint.pt is empty (0 bytes)"
+    (old / CHECKPOINT_FILE).unlink()
+    assert checkpoint_problem(old) == "no checkpoint.pt (and no manifest.json)"
+
+
+def test_write_manifest_refuses_files_of_other_folders(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b.pt").write_bytes(b"x")
+    with pytest.raises(ValueError, match="not directly inside"):
+        write_manifest(tmp_path / "a", [tmp_path / "b.pt"])
+    with pytest.raises(ValueError, match="rank 2 is not in a world of 2"):
+        write_manifest(tmp_path, [], rank=2, world_size=2)
+
+
+def _run_folder(complete_folder, root, names):
+    for name in names:
+        _copy(complete_folder, root / name)
+    return root
+
+
+def test_latest_complete_checkpoint_skips_newer_broken_folders(complete_folder, tmp_path):
+    run = _run_folder(complete_folder, tmp_path / "run", ["checkpoint_8", "checkpoint_9", "checkpoint_10",
+                                                          "checkpoint_11"])
+    _truncate(run / "checkpoint_11")
+    (run / "checkpoint_10" / "sampler_rank0.pt").write_bytes(b"")
+    with pytest.warns(IncompleteCheckpointWarning) as caught:
+        assert latest_complete_checkpoint(run) == run / "checkpoint_9"  # by number: 9 < 10 < 11
+    lines = [str(w.message) for w in caught]
+    assert len(lines) == 2 and "checkpoint_11 (checkpoint.pt has 10 bytes" in lines[0]
+    assert "checkpoint_10 (sampler_rank0.pt has 0 bytes" in lines[1] and lines[1].endswith(f"using {run / 'checkpoint_9'}")
+    said = []
+    assert latest_complete_checkpoint(run, warn=said.append) == run / "checkpoint_9" and len(said) == 2
+
+
+def test_latest_complete_checkpoint_orders_ray_dates_and_searches_below(complete_folder, tmp_path):
+    # Ray 2.60 names checkpoints by date; the folder given may be the storage folder above the run.
+    names = ["checkpoint_2026-11-30_09-59-58.123456", "checkpoint_2026-11-30_10-00-01.000001"]
+    run = _run_folder(complete_folder, tmp_path / "storage" / "demo", names)
+    assert latest_complete_checkpoint(tmp_path / "storage") == run / names[1]
+
+
+def _ray_snapshot(run, names):
+    """What Ray Train 2.60's checkpoint manager writes after each report (the fields we read)."""
+    results = [{"version": 0, "checkpoint_dir_name": name, "metrics": {}} for name in names]
+    (run / RAY_SNAPSHOT_FILE).write_text(json.dumps({
+        "ray_version": "2.60.0", "checkpoint_results": results, "checkpoint_report_indices": list(range(len(names))),
+        "latest_checkpoint_result": results[-1] if results else None, "pending_training_results": [],
+        "pending_validation_specs": [], "current_report_index": len(names), "validated_checkpoint_dir_names": [],
+        "timed_out_validation_checkpoint_dir_names": [], "failed_validation_checkpoint_dir_names": []}))
+
+
+def test_latest_complete_checkpoint_prefers_what_ray_lists(complete_folder, tmp_path):
+    run = _run_folder(complete_folder, tmp_path / "run", ["checkpoint_000001", "checkpoint_000002",
+                                                          "checkpoint_000003"])
+    _ray_snapshot(run, ["checkpoint_000001", "checkpoint_000002"])  # the report of 3 never finished
+    said = []
+    assert latest_complete_checkpoint(run, warn=said.append) == run / "checkpoint_000002"
+    assert said == [(f"skipping checkpoint {run / 'checkpoint_000003'}, which {RAY_SNAPSHOT_FILE} does not list "
+                     f"(complete, but its report to Ray Train did not finish); using {run / 'checkpoint_000002'}")]
+    # Listed is not trusted blindly; when nothing listed is complete, any complete folder will do.
+    _flip_a_byte(run / "checkpoint_000002")
+    (run / "checkpoint_000001" / CHECKPOINT_FILE).unlink()
+    said.clear()
+    assert latest_complete_checkpoint(run, warn=said.append) == run / "checkpoint_000003"
+    assert [line.split(" (")[0] for line in said] == [f"skipping incomplete checkpoint {run / 'checkpoint_000002'}",
+                                                      f"skipping incomplete checkpoint {run / 'checkpoint_000001'}"]
+    # Ray rewrites its snapshot in place: a cut-off one is ignored, with a line saying so.
+    (run / RAY_SNAPSHOT_FILE).write_text('{"ray_version": "2.6')
+    said.clear()
+    assert latest_complete_checkpoint(run, warn=said.append) == run / "checkpoint_000003"
+    assert said[0].startswith(f"ignoring {run / RAY_SNAPSHOT_FILE}, which does not parse")
+
+
+def test_latest_complete_checkpoint_raises_when_none_is_complete(complete_folder, tmp_path):
+    (tmp_path / "checkpoint_000009").mkdir()  # what Ray's copy leaves when it dies before the first file
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint.pt"):
+        latest_complete_checkpoint(tmp_path)
+    run = _run_folder(complete_folder, tmp_path / "run", ["checkpoint_000001", "checkpoint_000002"])
+    _truncate(run / "checkpoint_000001")
+    (run / "checkpoint_000002" / MANIFEST_FILE).write_text("")
+    with pytest.raises(FileNotFoundError, match=r"no complete checkpoint under .*\(checkpoint_000002: manifest.json "
+                                                r"is not valid JSON .*; checkpoint_000001: checkpoint.pt has 10 bytes"):
+        latest_complete_checkpoint(run)

@@ -1,10 +1,13 @@
-"""gan_core.loop in one process: cadence, the hooks, exact resume through the checkpoint hook, the inf/nan stop."""
+"""gan_core.loop in one process: cadence, the hooks, exact resume through the checkpoint hook, its manifests, the
+inf/nan stop."""
 
+import json
 import shutil
 
 import pytest
 import torch
 
+from gan_core.checkpoint import checkpoint_problem
 from gan_core.loop import Hooks, NonFiniteLossError, checkpointer, fit, make_sampler, restore, setup_state, validator
 from tests.gan_core.conftest import random_rgb, tiny_config
 
@@ -61,7 +64,9 @@ def test_cadence_and_hooks(tmp_path):
     assert {"g/pix", "g/adv", "d/gp", "lr/g", "perf/img_per_s"} <= set(gan_window)
     # Window means: step 3's window holds steps 1-3, pretraining (no D) for steps 1-2 and GAN for step 3.
     assert "d/total" in dict(recorder.logs[0][1])
-    assert sorted(p.name for p in (tmp_path / "step6").iterdir()) == ["checkpoint.pt", "sampler_rank0.pt"]
+    assert sorted(p.name for p in (tmp_path / "step6").iterdir()) == ["checkpoint.pt", "manifest.json",
+                                                                      "sampler_rank0.pt"]
+    assert checkpoint_problem(tmp_path / "step6") is None
 
 
 def test_resume_from_the_checkpoint_hook_is_exact(tmp_path):
@@ -76,6 +81,29 @@ def test_resume_from_the_checkpoint_hook_is_exact(tmp_path):
     assert losses(resumed.logs[-2]) == losses(whole.logs[-2])
     assert "g/pix" in resumed.logs[-2][1] and resumed.logs[-2][0] == 8
     assert resumed.reports == [(8, True)]
+
+
+def test_every_worker_lists_its_files_and_rank_0_counts_the_workers(tmp_path):
+    # Two workers' hooks, their folders merged the way Ray Train copies them into one checkpoint folder.
+    cfg = _config()
+    state = setup_state(cfg, CPU)
+    merged = tmp_path / "checkpoint_000001"
+    merged.mkdir()
+    folders = [checkpointer(state, cfg, make_sampler(cfg, _images(), rank=rank), rank=rank, world_size=2)()
+               for rank in (0, 1)]
+    try:
+        assert sorted(p.name for p in folders[1].iterdir()) == ["manifest_rank1.json", "sampler_rank1.pt"]
+        head = json.loads((folders[0] / "manifest.json").read_text())
+        assert head["world_size"] == 2 and sorted(head["files"]) == ["checkpoint.pt", "sampler_rank0.pt"]
+        for file in folders[0].iterdir():
+            shutil.copy(file, merged)
+        assert "manifest_rank1.json is missing (worker 1's files did not arrive)" in checkpoint_problem(merged)
+        for file in folders[1].iterdir():
+            shutil.copy(file, merged)
+        assert checkpoint_problem(merged) is None
+    finally:
+        for folder in folders:
+            shutil.rmtree(folder)
 
 
 def test_non_finite_loss_stops_with_a_hint():
