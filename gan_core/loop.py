@@ -28,9 +28,10 @@ import torch.distributed as dist
 from torch import nn
 
 from gan_core.build import build_state
-from gan_core.checkpoint import load_checkpoint, load_sampler_state, save_checkpoint, save_sampler_state, write_manifest
+from gan_core.checkpoint import load_checkpoint, load_sampler_state, save_checkpoint, save_sampler_state
 from gan_core.config import Config
 from gan_core.data import PatchSampler
+from gan_core.manifest import write_manifest
 from gan_core.schedules import set_base_lr
 from gan_core.scoring import evaluate_images, load_eval_images, load_lpips, mean_metrics, sample_grid
 from gan_core.step import TrainState, phase, train_step, unwrap
@@ -202,7 +203,7 @@ def checkpointer(state: TrainState, cfg: Config, sampler: PatchSampler | None, *
 
     Ray Train copies every worker's folder into one storage folder, in no order we control; the manifests
     (rank 0's names the world size) let a reader tell a complete copy from one cut short
-    (`gan_core.checkpoint.latest_complete_checkpoint`).
+    (`gan_core.manifest.latest_complete_checkpoint`).
 
     Args:
         world_size: how many workers write into each checkpoint; by default the size of the initialised

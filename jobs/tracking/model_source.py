@@ -11,7 +11,7 @@ Accepted forms:
     models:/<name>/<version>          a registered model version
     models:/m-<id>                    a logged model (what training writes in the `model_uri` tag)
 
-A run's checkpoint is picked by `gan_core.checkpoint.latest_complete_checkpoint`: a newer checkpoint that
+A run's checkpoint is picked by `gan_core.manifest.latest_complete_checkpoint`: a newer checkpoint that
 a full disk or a killed worker left half-copied is skipped, with a line on stderr naming it.
 """
 
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from gan_core.checkpoint import CHECKPOINT_FILE, checkpoint_problem, is_checkpoint_folder, latest_complete_checkpoint
+from gan_core.checkpoint import CHECKPOINT_FILE
+from gan_core.manifest import checkpoint_problem, is_checkpoint_folder, latest_complete_checkpoint
 from jobs.cli import JobError
 
 MLFLOW_SCHEMES = ("runs:/", "models:/")

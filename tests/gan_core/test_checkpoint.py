@@ -14,15 +14,8 @@ import torch
 from gan_core.build import build_state
 from gan_core.checkpoint import (
     CHECKPOINT_FILE,
-    MANIFEST_FILE,
-    RAY_SNAPSHOT_FILE,
-    IncompleteCheckpointWarning,
     checkpoint_config,
-    checkpoint_problem,
     export_generator,
-    is_checkpoint_folder,
-    is_complete_checkpoint,
-    latest_complete_checkpoint,
     load_checkpoint,
     load_generator,
     load_sampler_state,
@@ -30,6 +23,15 @@ from gan_core.checkpoint import (
     save_checkpoint,
     save_generator,
     save_sampler_state,
+)
+from gan_core.manifest import (
+    MANIFEST_FILE,
+    RAY_SNAPSHOT_FILE,
+    IncompleteCheckpointWarning,
+    checkpoint_problem,
+    is_checkpoint_folder,
+    is_complete_checkpoint,
+    latest_complete_checkpoint,
     write_manifest,
 )
 from gan_core.models import RRDBNet, build_generator, generator_config, rrdb_tiny

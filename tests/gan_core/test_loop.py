@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
-from gan_core.checkpoint import checkpoint_problem
 from gan_core.loop import Hooks, NonFiniteLossError, checkpointer, fit, make_sampler, restore, setup_state, validator
+from gan_core.manifest import checkpoint_problem
 from tests.gan_core.conftest import random_rgb, tiny_config
 
 CPU = torch.device("cpu")

@@ -20,15 +20,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gan_core.checkpoint import (
-    CHECKPOINT_FILE,
+from gan_core.checkpoint import CHECKPOINT_FILE, load_generator
+from gan_core.loop import Hooks, checkpointer, fit, make_sampler, setup_state
+from gan_core.manifest import (
     RAY_SNAPSHOT_FILE,
     IncompleteCheckpointWarning,
     checkpoint_problem,
     latest_complete_checkpoint,
-    load_generator,
 )
-from gan_core.loop import Hooks, checkpointer, fit, make_sampler, setup_state
 from jobs.cli import JobError
 from jobs.tracking.model_source import local_checkpoint_file, resolve_model, run_generator
 from tests.gan_core.conftest import random_rgb, tiny_config
