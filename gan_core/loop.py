@@ -31,7 +31,7 @@ from gan_core.build import build_state
 from gan_core.checkpoint import load_checkpoint, load_sampler_state, save_checkpoint, save_sampler_state
 from gan_core.config import Config
 from gan_core.data import PatchSampler
-from gan_core.manifest import write_manifest
+from gan_core.manifest import checkpoint_problem, write_manifest
 from gan_core.schedules import set_base_lr
 from gan_core.scoring import evaluate_images, load_eval_images, load_lpips, mean_metrics, sample_grid
 from gan_core.step import TrainState, phase, train_step, unwrap
@@ -90,6 +90,9 @@ def restore(state: TrainState, directory: str | Path, cfg: Config, rank: int = 0
     Returns:
         (the checkpoint's `extra`, this worker's sampler state or None).
     """
+    problem = checkpoint_problem(directory)
+    if problem is not None:  # e.g. a sweep's copy of a trial checkpoint cut short: say so, not an EOFError
+        raise ValueError(f"cannot resume from {directory}: the checkpoint is incomplete ({problem})")
     extra = load_checkpoint(directory, state)
     set_base_lr(state.g_optimizer, state.g_scheduler, cfg.optim.g_lr)
     if state.d_optimizer is not None:

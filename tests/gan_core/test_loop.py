@@ -113,3 +113,12 @@ def test_non_finite_loss_stops_with_a_hint():
         state.generator.conv_first.weight.fill_(float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss by step 3 \(g/pix=nan.*lower the learning rates"):
         fit(state, iter(make_sampler(cfg, _images())), cfg)
+
+
+def test_resume_refuses_an_incomplete_checkpoint(tmp_path):
+    cfg = _config()
+    _run(cfg, tmp_path / "whole")
+    folder = tmp_path / "whole" / "step6"
+    (folder / "sampler_rank0.pt").write_bytes(b"")  # a copy cut short
+    with pytest.raises(ValueError, match="incomplete.*sampler_rank0.pt"):
+        restore(setup_state(cfg, CPU), folder, cfg)
