@@ -12,12 +12,18 @@ from their last checkpoint); `key=value` arguments override the base recipe for 
 Each trial is the `train_loop_per_worker` of jobs.train on its own TorchTrainer (Train V2 inside a Tune
 function, jobs/sweeps/trial.py) and its own MLflow run, nested under one run for the sweep. The space file
 format is documented in jobs/sweeps/space.py and the README.
+
+Exit status: 0 when every trial finished or was stopped early by the scheduler and at least one reported
+the metric; 1 when any trial errored, no trial reported the metric, or the sweep was interrupted (the
+summary table is printed first, then the reason; the sweep's MLflow run is FAILED when no trial
+succeeded); 2 for a problem found before Ray starts (a bad space file, override or tracking server).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,12 +31,16 @@ from typing import Any
 from jobs.cli import init_ray, run_main
 from jobs.tracking.server import TRACKING_HELP
 
+EXIT_TRIALS_FAILED = 1  # 2 is run_main's: a problem found before any trial started
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.tune",
         description="Sweep a training recipe with Ray Tune; every trial is a DDP run on Ray Train, tracked in MLflow.",
-        epilog="Overrides: any config key as section.key=value, applied to the base recipe of every trial",
+        epilog="Overrides: any config key as section.key=value, applied to the base recipe of every trial. "
+               "Exit status 1 when any trial errored or none reported the metric (after the summary), 2 when the "
+               "space, an override or the tracking server is wrong (before Ray starts).",
     )
     parser.add_argument("--space", required=True, help="space file, e.g. tune_spaces/demo_asha.yaml")
     parser.add_argument("--num-samples", type=int, help="trials to sample (default: the space file's num_samples)")
@@ -60,11 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) the sweep; returns its name, parent run, trial rows, best row and `failure` (the reason
+    the command exits 1, or None)."""
     import ray
     from mlflow.tracking import MlflowClient
 
     from jobs.sweeps import tuner as sweeps
-    from jobs.sweeps.report import collect_trials, finish_sweep, print_summary
+    from jobs.sweeps.report import collect_trials, finish_sweep, print_summary, sweep_failure
     from jobs.sweeps.space import PbtScheduler, check_samples, load_space, resolve_base_config
     from jobs.tracking.server import connect
     from jobs.training.trainer import with_absolute_paths
@@ -101,18 +113,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                max_concurrent=max_concurrent, num_samples=num_samples)
     try:
         results = tuner.fit()
+        # 4. The table, the best trial, MLflow (a crash while summing up must not leave the sweep RUNNING).
+        rows = collect_trials(results, space, settings["base"], client, parent_run_id, sweeps.trial_statuses)
+        best = finish_sweep(client, parent_run_id, rows, space, settings["base"])
     except Exception:
         client.set_terminated(parent_run_id, status="FAILED")
         raise
-
-    # 4. The table, the best trial, MLflow.
-    rows = collect_trials(results, space, settings["base"], client, parent_run_id, sweeps.trial_statuses)
-    best = finish_sweep(client, parent_run_id, rows, space, settings["base"])
     print_summary(rows, best, space, tracking_uri, parent_run_id, f"{base.run.storage_path}/{sweep}")
     if any(row["status"] == "interrupted" for row in rows):
         print(f"[tune] the sweep was interrupted: rerun the same command with --name {sweep} to resume it", flush=True)
-    return {"sweep": sweep, "parent_run_id": parent_run_id, "trials": rows, "best": best}
+    failure = sweep_failure(rows, best, space.metric)
+    if failure:
+        print(f"[tune] sweep {sweep!r} failed: {failure}", file=sys.stderr, flush=True)
+    return {"sweep": sweep, "parent_run_id": parent_run_id, "trials": rows, "best": best, "failure": failure}
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """The command line: `main`, then exit status 1 when a trial errored or none reported the metric."""
+    if main(argv)["failure"]:
+        sys.exit(EXIT_TRIALS_FAILED)
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(cli)

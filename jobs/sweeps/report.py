@@ -3,7 +3,9 @@
 On the parent run: the trial table (`trials.csv`, `trials.txt`), the best config (`best_config.yaml`),
 `best/<metric>`, tags naming the best trial's MLflow run and checkpoint, and `metric_vs_params.png`
 (the metric against each searched hyperparameter). Each trial's own run gets its final status
-(FINISHED, KILLED when the scheduler stopped it early, FAILED) and its checkpoint location.
+(FINISHED, KILLED when the scheduler stopped it early, FAILED) and its checkpoint location. The sweep's
+run ends FAILED when no trial succeeded (none reported the metric, or none finished and some errored),
+KILLED when the sweep was interrupted, else FINISHED; `sweep_failure` says whether the command fails.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from gan_core.config import config_to_yaml
 from jobs.sweeps.space import SpaceFile, trial_config
 from jobs.sweeps.trial import TRIAL_ID_TAG
+from jobs.tracking.server import redact_uri, without_password
 
 MLFLOW_STATUS = {"finished": "FINISHED", "stopped early": "KILLED", "error": "FAILED", "interrupted": "KILLED"}
 
@@ -64,9 +67,16 @@ def collect_trials(results, space: SpaceFile, base: dict[str, Any], client: Mlfl
             "checkpoint": checkpoint.path if checkpoint else None,
             "exploits": sorted((json.loads(value) for key, value in tags.items() if key.startswith("tune.exploit.")),
                                key=lambda record: record["step"]),
-            "error": str(result.error)[:300] if result.error else None,
+            "error": error_cause(result.error) if result.error else None,
         })
     return rows
+
+
+def error_cause(error: BaseException) -> str:
+    """The line of a trial's error that names its cause: Ray wraps a worker's exception in tracebacks of its
+    own actors, and the worker's `SomeError: message` comes last."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:300]
 
 
 def trial_status(tune_status: str | None, error, step: int, total_steps: int) -> str:
@@ -158,7 +168,8 @@ def plot_metric_vs_params(rows: list[dict[str, Any]], space: SpaceFile, path: Pa
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(keys):]:
         axis.set_visible(False)
-    axes.flat[0].legend(fontsize=8)
+    if axes.flat[0].get_legend_handles_labels()[0]:  # no trial reported: nothing to label
+        axes.flat[0].legend(fontsize=8)
     figure.suptitle(f"{space.metric} ({space.mode}) per trial: best value over its run")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -192,6 +203,7 @@ def finish_sweep(client: MlflowClient, parent_run_id: str, rows: list[dict[str, 
     client.log_metric(parent_run_id, "tune/stopped_early", sum(row["status"] == "stopped early" for row in rows))
     client.log_metric(parent_run_id, "tune/exploits", sum(len(row["exploits"]) for row in rows))
     client.log_metric(parent_run_id, "tune/finished", finished_trials)
+    client.log_metric(parent_run_id, "tune/errors", sum(row["status"] == "error" for row in rows))
     if best is not None:
         client.log_metric(parent_run_id, f"best/{space.metric}", best["metric_best"])
         client.log_text(parent_run_id, config_to_yaml(trial_config(base, best["params"])), "best_config.yaml")
@@ -208,6 +220,30 @@ def finish_sweep(client: MlflowClient, parent_run_id: str, rows: list[dict[str, 
     return best
 
 
+def sweep_failure(rows: list[dict[str, Any]], best: dict[str, Any] | None, metric: str) -> str | None:
+    """Why the sweep counts as failed (`python -m jobs.tune` then exits 1), or None when it succeeded.
+
+    A sweep succeeds only when every trial finished or was stopped early by the scheduler and at least one
+    reported `metric`. One errored trial fails it even when the others found a best config: a trial that
+    crashes (out of memory, a bad value the checks let through) is a result nobody should miss in CI or in
+    `ray job status`; the summary above the message still shows the best of the others.
+    """
+    errored = [row["trial"] for row in rows if row["status"] == "error"]
+    interrupted = [row["trial"] for row in rows if row["status"] == "interrupted"]
+    if not rows:
+        return "the sweep ran no trial"
+    if best is None:
+        if len(errored) == len(rows):
+            return f"all {len(rows)} trial(s) errored ({', '.join(errored)}): no trial reported {metric}"
+        return f"no trial reported {metric}" + (f"; {len(errored)} of {len(rows)} trial(s) errored "
+                                                 f"({', '.join(errored)})" if errored else "")
+    if errored:
+        return f"{len(errored)} of {len(rows)} trial(s) errored ({', '.join(errored)}; their errors are listed above)"
+    if interrupted:
+        return f"the sweep was interrupted: {len(interrupted)} of {len(rows)} trial(s) did not finish"
+    return None
+
+
 def print_summary(rows: list[dict[str, Any]], best: dict[str, Any] | None, space: SpaceFile, tracking_uri: str,
                   parent_run_id: str, experiment_path: str) -> None:
     """What a user reads when the sweep ends."""
@@ -219,8 +255,8 @@ def print_summary(rows: list[dict[str, Any]], best: dict[str, Any] | None, space
             changes = ", ".join(f"{k} {_fmt(record['old'].get(k))} -> {_fmt(v)}" for k, v in record["new"].items())
             print(f"  exploit: {record['trial']} took {record['donor']}'s checkpoint at step {record['step']}: "
                   f"{changes}")
-        if row["error"]:
-            print(f"  error in {row['trial']}: {row['error']}")
+        if row["error"]:  # an MLflow error quotes the tracking URI as given
+            print(f"  error in {row['trial']}: {without_password(row['error'], tracking_uri)}")
     print(line)
     if best is None:
         print(f"no trial reported {space.metric}")
@@ -231,6 +267,6 @@ def print_summary(rows: list[dict[str, Any]], best: dict[str, Any] | None, space
         print(f"  checkpoint: {best['checkpoint']}")
         print(f"  MLflow run: {best['run_id']} (sweep run {parent_run_id})")
     print(f"Tune results: {experiment_path}")
-    local = tracking_uri.startswith("sqlite:")
-    print(f"open MLflow:  {'mlflow ui --backend-store-uri ' + tracking_uri if local else tracking_uri}")
+    shown = redact_uri(tracking_uri)  # never a password in a log
+    print(f"open MLflow:  {'mlflow ui --backend-store-uri ' + shown if tracking_uri.startswith('sqlite:') else shown}")
     print(line, flush=True)

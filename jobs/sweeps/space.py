@@ -13,13 +13,20 @@ Distributions (each a one-key mapping):
     {loguniform: [lo, hi]}    float, log-uniform in [lo, hi], 0 < lo < hi
     {randint: [lo, hi]}       integer in [lo, hi], both ends included
     {grid: [a, b, ...]}       every value, once per sample (Tune's grid_search)
+
+A distribution must fit the schema type of its key (`key_annotation`): uniform and loguniform sample
+floats, so they are refused on an integer key (use randint) and on a key of fixed values such as
+`generator.scale: Literal[1, 2, 4]` (use choice); randint fits integer and float keys. Choice and grid
+values are checked one by one by `check_samples`.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -113,6 +120,83 @@ class Distribution(_Strict):
         return list(self.choice) if self.kind == "choice" else self.to_tune()
 
 
+def key_annotation(key: str) -> Any:
+    """The type annotation of a dotted key of gan_core.config.Config (`schedule.warmup_steps` -> int), found by
+    walking the sections' model_fields; None when the key is not a field of a section."""
+    model: type[BaseModel] = Config
+    *sections, name = key.split(".")
+    for section in sections:
+        field = model.model_fields.get(section)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    field = model.model_fields.get(name)
+    return field.annotation if field is not None else None
+
+
+def _value_types(annotation: Any) -> set[type]:
+    """The Python types a key's values take, None left out: `int | None` -> {int}, `list[int]` -> {list}."""
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return set().union(*(_value_types(arg) for arg in get_args(annotation) if arg is not type(None)))
+    if origin is Annotated:
+        return _value_types(get_args(annotation)[0])
+    if origin is Literal:
+        return {type(value) for value in get_args(annotation)}
+    return {origin or annotation}
+
+
+def _literal_values(annotation: Any) -> list[Any]:
+    """The fixed values of a `Literal[...]` key (also inside `| None`); empty for any other type."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return list(get_args(annotation))
+    if origin in (Union, types.UnionType, Annotated):
+        return [value for arg in get_args(annotation) for value in _literal_values(arg)]
+    return []
+
+
+def check_distribution_type(key: str, dist: Distribution) -> None:
+    """Refuse a numeric distribution whose samples the key's schema type cannot take.
+
+    The edge checks (`check_samples`) cannot see this: a uniform over [0, 10] has integer ends, which an
+    int key accepts, while almost every sample in between (3.7) fails inside the trial.
+
+    Raises:
+        ValueError: uniform or loguniform on an integer key, or any range on a key of fixed values or a
+            non-numeric key.
+    """
+    if dist.kind not in ("uniform", "loguniform", "randint"):
+        return
+    annotation = key_annotation(key)
+    if annotation is None:
+        return
+    lo, hi = getattr(dist, dist.kind)
+    kinds = _value_types(annotation)
+    fixed = _literal_values(annotation)
+    if fixed:
+        raise ValueError(f"{key} takes only the values {fixed}, but {dist.kind} samples a range: "
+                         f"use {{choice: [...]}} with some of them")
+    if float in kinds:
+        return  # uniform, loguniform and randint all fit a float key
+    if int in kinds and dist.kind == "randint":
+        return
+    if int in kinds:
+        low, high = math.ceil(lo), math.floor(hi)
+        hint = f"{{randint: [{low}, {high}]}}" if low < high else "randint with integer bounds"
+        raise ValueError(f"{key} is an integer key, but {dist.kind} samples floats ({lo:g}..{hi:g}): the edges pass "
+                         f"the schema and every trial that samples a fraction fails; use {hint}"
+                         + (" or a choice of values" if dist.kind == "loguniform" else ""))
+    names = " or ".join(sorted(kind.__name__ for kind in kinds))
+    raise ValueError(f"{key} takes {names} values, not numbers from {dist.kind}: use {{choice: [...]}}")
+
+
+def _fit_key_types(dists: dict[str, Distribution]) -> dict[str, Distribution]:
+    for key, dist in dists.items():
+        check_distribution_type(key, dist)
+    return dists
+
+
 class FifoScheduler(_Strict):
     """Run every trial to the end."""
 
@@ -148,7 +232,7 @@ class PbtScheduler(_Strict):
         grids = [key for key, dist in value.items() if dist.kind == "grid"]
         if grids:
             raise ValueError(f"grid cannot be mutated ({', '.join(grids)}): use choice, uniform, loguniform or randint")
-        return value
+        return _fit_key_types(value)
 
     def mutation_bounds(self) -> dict[str, tuple[float, float]]:
         """[lo, hi] of each numeric mutation: perturbed values (x0.8, x1.2) are clipped back into it."""
@@ -171,6 +255,11 @@ class SpaceFile(_Strict):
     scheduler: Scheduler = Field(default_factory=lambda: FifoScheduler(name="fifo"))
     param_space: dict[ConfigKey, Distribution] = Field(default_factory=dict)
     overrides: dict[ConfigKey, Any] = Field(default_factory=dict)  # dotted key -> value, applied to the base recipe
+
+    @field_validator("param_space")
+    @classmethod
+    def _distributions_fit_key_types(cls, value: dict[str, Distribution]) -> dict[str, Distribution]:
+        return _fit_key_types(value)
 
     @field_validator("metric")
     @classmethod

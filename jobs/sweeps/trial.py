@@ -42,6 +42,7 @@ except ImportError:  # another Ray layout: stopped trials then rely on Train's a
 from gan_core.config import flatten
 from jobs.sweeps.space import trial_config
 from jobs.tracking.runs import get_or_create_run, log_params_once
+from jobs.tracking.server import hide_credentials_from_mlflow
 
 TRIAL_ID_TAG = "gan.trial_id"
 SWEEP_TAG = "gan.sweep"
@@ -173,6 +174,7 @@ def run_trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
     cfg = trial_config(settings["base"], params, source=f"trial {trial_id} ({params})")
 
     # 1. The trial's MLflow run, nested under the sweep; found again when the trial restarts.
+    hide_credentials_from_mlflow(settings["tracking_uri"])  # this process ends the run: MLflow would print the URI
     client = MlflowClient(settings["tracking_uri"])
     run_id, _ = get_or_create_run(
         client, cfg.run.experiment, f"{settings['sweep']}/{trial_id}",

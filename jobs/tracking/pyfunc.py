@@ -12,6 +12,15 @@ defaults, or `params` per call), so memory stays bounded. Loading needs this pac
 The signature declares the params but no input schema on purpose: MLflow's tensor schemas fix
 every dimension but the first (a 32x32 example would refuse any other size) and reject lists,
 while this model takes any H, W and a list of differently sized images.
+
+Logged as MLflow "models from code", not as a cloudpickled PythonModel: the model folder holds MLmodel,
+a copy of this file (`pyfunc.py`) and the generator file (`artifacts/`), and no pickle, so loaders may
+set MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false. Loading runs that copy (MLflow imports it under a
+`code_model_<hex>` name; its last line hands MLflow the model): the code a loader executes is plain
+Python anyone can read in the registry, pinned to the version that logged it. It is still code: who may
+write to the registry must be restricted (cluster.yaml's MLflow server requires a login), and this
+project's jobs never load a model through pyfunc: they read only the `generator` artifact with
+`torch.load(weights_only=True)` (jobs.tracking.model_source).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from mlflow.pyfunc import PythonModel
 from mlflow.types import ParamSchema, ParamSpec
 
 GENERATOR_ARTIFACT = "generator"
+MODEL_CODE = str(Path(__file__).resolve())  # what log_generator_model stores as the model's code
 DEFAULT_TILE = 256
 DEFAULT_TILE_OVERLAP = 16
 # The package itself must be installed where the model is loaded; these are what it imports.
@@ -115,7 +125,7 @@ def log_generator_model(generator_file: str | Path, name: str = "generator", reg
     example = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=GeneratorModel(),
+        python_model=MODEL_CODE,  # models from code: this file's source, no pickle (see the module docstring)
         artifacts={GENERATOR_ARTIFACT: str(generator_file)},
         signature=model_signature(),
         input_example=example,
@@ -124,3 +134,9 @@ def log_generator_model(generator_file: str | Path, name: str = "generator", reg
         pip_requirements=PIP_REQUIREMENTS,
         registered_model_name=registered_model_name,
     )
+
+
+# Models from code: MLflow runs the logged copy of this file under its own module name to build the model.
+# Imported as a module of this package (the jobs log models with it), the file only defines the class.
+if __name__ != "jobs.tracking.pyfunc":
+    mlflow.models.set_model(GeneratorModel())

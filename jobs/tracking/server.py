@@ -1,11 +1,17 @@
 """Where the MLflow tracking server is: `--tracking-uri`, the environment, or the local SQLite default.
 
+A server that runs MLflow's basic-auth app (cluster.yaml) takes its credentials from
+MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in the environment: MLflow sends them with every
+request. A `user:password@` in the URI works too, but every line the jobs print shows it through
+`redact_uri`, and `connect` warns that MLflow's own error messages would still show it.
+
 No MLflow import at module level: every job's `--help` stays fast.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -35,6 +41,26 @@ def redact_uri(uri: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", parts.fragment))
 
 
+def without_password(text: str, uri: str) -> str:
+    """`text` with the password of `uri` replaced by `***`: for error messages, which MLflow writes with the
+    URI as given (`API request to http://user:secret@host/api/2.0/... failed`)."""
+    from urllib.parse import urlsplit
+
+    try:
+        password = urlsplit(uri).password
+    except ValueError:
+        return text
+    return text.replace(password, "***") if password else text
+
+
+def hide_credentials_from_mlflow(uri: str) -> None:
+    """With a password (or token query) in `uri`, stop MLflow from printing it: every run MLflow ends prints
+    `View run ... at: <uri>/#/experiments/...` to stdout, the URI as given. Call in each process that ends
+    runs (a job's driver through `connect`, a sweep's trial processes)."""
+    if redact_uri(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+
 def resolve_tracking_uri(cli_value: str | None) -> str:
     """`--tracking-uri`, else $MLFLOW_TRACKING_URI, else SQLite in the working directory.
 
@@ -51,23 +77,35 @@ def resolve_tracking_uri(cli_value: str | None) -> str:
 def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
     """Fail at once, with a clear message, when an HTTP tracking server does not answer.
 
+    Only reachability is checked: /health needs no credentials, so wrong ones show at the first request.
+
     Raises:
-        JobError: the server is unreachable or unhealthy.
+        JobError: the server is unreachable or unhealthy (the message shows `uri` without its password).
     """
     if not uri.startswith(("http://", "https://")):
         return
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+        with urllib.request.urlopen(_health_url(uri), timeout=timeout) as response:
             if response.status == 200:
                 return
             problem = f"answered HTTP {response.status}"
     except (urllib.error.URLError, OSError) as err:
         problem = f"is unreachable ({getattr(err, 'reason', err)})"
     raise JobError(
-        f"MLflow tracking server {uri} {problem}. Start it (mlflow server --host 127.0.0.1 --port 5000 "
+        f"MLflow tracking server {redact_uri(uri)} {problem}. Start it (mlflow server --host 127.0.0.1 --port 5000 "
         f"--backend-store-uri sqlite:///mlflow.db), fix --tracking-uri / MLFLOW_TRACKING_URI, or leave both unset "
         f"to use the local SQLite store {DEFAULT_TRACKING_URI}."
     )
+
+
+def _health_url(uri: str) -> str:
+    """The server's /health endpoint, without any `user:password@` of `uri`: urllib would take it for part of
+    the host name, and the basic-auth app answers /health without credentials anyway."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, host, parts.path.rstrip("/") + "/health", "", ""))
 
 
 def fail_fast_http() -> None:
@@ -84,6 +122,12 @@ def connect(cli_value: str | None, check: bool = True) -> str:
 
     fail_fast_http()
     uri = resolve_tracking_uri(cli_value)
+    if redact_uri(uri) != uri:
+        # MLflow's own errors (`API request to <uri>/api/... failed`) and Ray's tracebacks of them show it in full.
+        print(f"warning: the tracking URI {redact_uri(uri)} carries credentials, which MLflow's error messages "
+              "print in full: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead", file=sys.stderr,
+              flush=True)
+        hide_credentials_from_mlflow(uri)
     if check:
         check_tracking_server(uri)
     mlflow.set_tracking_uri(uri)

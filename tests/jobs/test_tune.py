@@ -135,6 +135,7 @@ param_space:
                                                 ("stopped early", 2)), row
     best = summary["best"]
     assert best["params"] == {"optim.g_lr": GOOD_LR} and best["status"] == "finished" and best["step"] == 4
+    assert summary["failure"] is None  # trials stopped by ASHA are no failure: the command exits 0
     assert (Path(best["checkpoint"]) / "checkpoint.pt").is_file()
     # Stopped trials aborted their Train runs: no worker keeps a CPU once the sweep is over.
     assert wait_for_free_cpus(ray_local, 4.0) == 4.0, what_holds_cpus(ray_local)
@@ -219,6 +220,58 @@ param_space:
     assert exploit_files == [f"exploits/{record['trial']}_step0000004.json"]
 
 
+@pytest.mark.slow
+def test_sweep_with_failed_trials_exits_1_after_the_summary(ray_local, mlflow_server, demo_data, tmp_path, capsys,
+                                                            monkeypatch):
+    """Trials that fail inside their workers (data.val is an empty folder: only the worker reads it): the command
+    prints the table, then exits 1, whether all trials or only some failed; the sweep's run is FAILED only
+    when none succeeded. The tracking URI carries a password (the server ignores it): no line shows it."""
+    empty_val = tmp_path / "empty-val"
+    empty_val.mkdir()
+    credentialed = mlflow_server.replace("http://", "http://gan:s3cret-pw@")
+    summaries = []
+    main = tune.main
+    monkeypatch.setattr(tune, "main", lambda argv: summaries.append(main(argv)) or summaries[-1])
+
+    def sweep(name: str, param_space: str) -> tuple[int, dict, str]:
+        space = write_space(tmp_path, name, f"param_space:\n{param_space}")
+        argv = ["--space", space, "--workers-per-trial", "1", "--cpus-per-worker", "0.5", "--trial-cpus", "0.5",
+                "--name", name, "--tracking-uri", credentialed,
+                *tiny_overrides(demo_data, tmp_path / "runs", steps=2, **{"run.max_failures": "0"})]
+        with pytest.raises(SystemExit) as exited:
+            tune.cli(argv)
+        captured = capsys.readouterr()
+        return exited.value.code, summaries[-1], captured.out + captured.err
+
+    # Every trial fails.
+    code, summary, output = sweep("all-failed", f"  data.val: {{grid: ['{empty_val}', '{empty_val}']}}\n")
+    assert code == 1
+    assert [row["status"] for row in summary["trials"]] == ["error", "error"]
+    assert summary["best"] is None and summary["failure"].startswith("all 2 trial(s) errored")
+    for row in summary["trials"]:  # the summary names each trial's cause, not Ray's wrapping
+        assert f"error in {row['trial']}: FileNotFoundError: data.val: {empty_val}: holds no readable images" in output
+    assert output.index("status") < output.index("[tune] sweep 'all-failed' failed: all 2 trial(s) errored")
+    client = MlflowClient(mlflow_server)
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FAILED" and parent.data.metrics["tune/errors"] == 2
+    assert {run.info.status for run in child_runs(client, parent.info.run_id).values()} == {"FAILED"}
+
+    # One trial of two fails: the best of the other is reported, and the command still exits 1.
+    code, summary, output = sweep("some-failed", f"  data.val: {{grid: ['{demo_data / 'val'}', '{empty_val}']}}\n")
+    assert code == 1
+    statuses = {row["params"]["data.val"]: row["status"] for row in summary["trials"]}
+    assert statuses == {str(demo_data / "val"): "finished", str(empty_val): "error"}, statuses
+    assert summary["best"]["params"]["data.val"] == str(demo_data / "val")
+    assert summary["failure"].startswith("1 of 2 trial(s) errored")
+    assert output.index("best trial") < output.index("[tune] sweep 'some-failed' failed: 1 of 2 trial(s) errored")
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.metrics["tune/errors"] == 1
+    assert "s3cret-pw" not in output and "gan:***@" in output
+    # Nor does any file the sweep stored (Tune's experiment state, Train's run folders, the trials' results).
+    stored = [path for path in (tmp_path / "runs").rglob("*") if path.is_file() and b"s3cret-pw" in path.read_bytes()]
+    assert not stored, stored
+
+
 BAD_SPACES = {
     "unknown key": ("param_space:\n  optim.glr: {loguniform: [1.0e-4, 1.0e-3]}\n",
                     ["param_space.optim.glr", "not a config key", "did you mean optim.g_lr"]),
@@ -228,6 +281,12 @@ BAD_SPACES = {
                          ["param_space.generator.res_scale", "uniform needs lo < hi"]),
     "bound outside the schema": ("param_space:\n  generator.res_scale: {uniform: [0.1, 1.5]}\n",
                                  ["generator.res_scale=1.5", "less than or equal to 1"]),
+    "uniform on an integer key": ("param_space:\n  schedule.warmup_steps: {uniform: [0, 10]}\n",
+                                  ["schedule.warmup_steps is an integer key", "use {randint: [0, 10]}"]),
+    "loguniform mutation on an integer key": (
+        ("scheduler:\n  name: pbt\n  perturbation_interval: 2\n  hyperparam_mutations:\n"
+         "    schedule.warmup_steps: {loguniform: [1, 100]}\n"),
+        ["scheduler.pbt.hyperparam_mutations", "schedule.warmup_steps is an integer key", "randint"]),
     "bad choice value": ("param_space:\n  schedule.lr_schedule: {choice: [cosine, cosinus]}\n",
                          ["schedule.lr_schedule='cosinus'"]),
     "unknown scheduler setting": (
