@@ -7,31 +7,44 @@ On a cluster:
     ray job submit --address http://<head>:8265 --working-dir . -- \
         python -m jobs.train --config jobs/configs/esrgan_x4_psnr.yaml --num-workers 8 --use-gpu
 Rerunning with the same --name continues from the latest checkpoint, in the same MLflow run.
+
+However the job ends, its MLflow run is closed (jobs.tracking.runs.run_lifecycle); exit status:
+    0    FINISHED: trained, final model logged
+    1    FAILED: a non-finite loss (no restart: it would repeat), the final model not taken by MLflow
+         (tag final_model_pending=true; rerun to log it), or another error
+    2    a bad config, data path or tracking server, found before any MLflow run is created
+    130  KILLED by SIGINT (Ctrl-C); 143 KILLED by SIGTERM. Rerun the same command to resume.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from pathlib import Path
 
-from gan_core.config import config_to_yaml, flatten, load_config
-from jobs.cli import init_ray, run_main
-from jobs.tracking.server import TRACKING_HELP
+from gan_core.config import Config, config_to_yaml, flatten, load_config
+from jobs.cli import JobError, init_ray, run_main
+from jobs.tracking.server import TRACKING_HELP, redact_uri
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.train",
         description="Train an ESRGAN-style GAN with DDP on Ray Train, tracked in MLflow.",
-        epilog="Overrides: any config key as section.key=value, e.g. optim.g_lr=2e-4 train.total_steps=200",
+        epilog="Overrides: any config key as section.key=value, e.g. optim.g_lr=2e-4 train.total_steps=200. "
+               "Exit status: 0 finished, 1 failed (e.g. non-finite loss), 2 bad config/data/server (no MLflow run "
+               "created), 130/143 stopped by SIGINT/SIGTERM (rerun the same command to resume).",
     )
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. jobs/configs/demo.yaml")
     parser.add_argument("--num-workers", type=int, default=2, help="DDP workers (default 2)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, nccl")
     parser.add_argument("--name", help="run name (default run.name, else recipe-YYYYmmdd-HHMMSS); reuse it to resume")
     parser.add_argument("--tracking-uri", help=TRACKING_HELP)
+    parser.add_argument("--tracking-wait-s", type=float, default=60.0,
+                        help="at the end of the run, how long to wait for an unreachable MLflow server to take the "
+                             "spooled metric points and the final model (default 60)")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args(argv)
     if args.num_workers < 1:
@@ -41,44 +54,132 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     from mlflow.tracking import MlflowClient
+    from ray.util.queue import Queue
 
-    from jobs.tracking.runs import get_or_create_run, git_commit, log_params_once, ray_job_id
+    from jobs.tracking.runs import (
+        CLOSE_WAIT_S,
+        get_or_create_run,
+        git_commit,
+        log_params_once,
+        ray_job_id,
+        run_lifecycle,
+    )
     from jobs.tracking.server import connect
     from jobs.training.report import finish_run, print_summary
     from jobs.training.trainer import build_trainer, with_absolute_paths, with_local_init_from
 
+    # 1. Everything that can be wrong with the command is found before an MLflow run exists.
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)  # fails here, before Ray starts, on any bad key
     run_name = args.name or cfg.run.name or f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = with_absolute_paths(cfg.with_values({"run.name": run_name}))
+    check_data_paths(cfg)
     tracking_uri = connect(args.tracking_uri)
     cfg = with_local_init_from(cfg)
+    init_ray(num_cpus_hint=args.num_workers + 1)
+
+    # 2. The run, closed FINISHED, FAILED or KILLED however this block ends.
     client = MlflowClient(tracking_uri)
     run_id, resumed = get_or_create_run(client, cfg.run.experiment, run_name, tags={"gan.recipe": args.config})
-    log_params_once(client, run_id, flatten(cfg.model_dump(mode="json")) | {"num_workers": args.num_workers})
-    client.set_tag(run_id, "git_commit", git_commit())
-    client.set_tag(run_id, "ray_job_id", ray_job_id())
-    client.set_tag(run_id, "checkpoint_location", f"{cfg.run.storage_path}/{run_name}")
-    client.log_text(run_id, config_to_yaml(cfg), "config.yaml")
-    print(f"{'resuming' if resumed else 'starting'} run {run_name!r}: MLflow run {run_id} at {tracking_uri}", flush=True)
+    close_wait_s = min(CLOSE_WAIT_S, args.tracking_wait_s)
+    with run_lifecycle(client, run_id, tracking_uri=tracking_uri, close_wait_s=close_wait_s):
+        log_params_once(client, run_id, flatten(cfg.model_dump(mode="json")) | {"num_workers": args.num_workers})
+        client.set_tag(run_id, "git_commit", git_commit())
+        client.set_tag(run_id, "ray_job_id", ray_job_id())
+        client.set_tag(run_id, "checkpoint_location", f"{cfg.run.storage_path}/{run_name}")
+        client.log_text(run_id, config_to_yaml(cfg), "config.yaml")
+        print(f"{'resuming' if resumed else 'starting'} run {run_name!r}: MLflow run {run_id} at "
+              f"{redact_uri(tracking_uri)}", flush=True)
 
-    init_ray(num_cpus_hint=args.num_workers + 1)
-    loop_config = {"config": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id}
-    trainer = build_trainer(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu, loop_config=loop_config)
-    try:
-        result = trainer.fit()
-    except Exception:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    try:
-        metrics = finish_run(client, run_id, cfg, result)
-    except Exception as err:  # training is done and checkpointed; a tracking outage must not lose that
-        print(f"!! could not log the final model to MLflow at {tracking_uri} ({type(err).__name__}: "
-              f"{str(err)[:200]}); the checkpoint below is intact", file=sys.stderr, flush=True)
-        metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+        # 3. Train. A non-finite loss comes back through `non_finite`, not as a worker error that Train would
+        #    retry from the last checkpoint (see jobs/training/worker.py).
+        non_finite = Queue(actor_options={"num_cpus": 0})
+        loop_config = {"config": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,
+                       "tracking_wait_s": args.tracking_wait_s, "non_finite": non_finite}
+        trainer = build_trainer(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu, loop_config=loop_config)
+        result = fit_in_background(trainer)
+        stopped = None if non_finite.empty() else non_finite.get()
+        non_finite.shutdown()
+        if stopped is not None:
+            raise non_finite_error(stopped)
+
+        # 4. The final model into MLflow.
+        metrics = finish_run(client, run_id, cfg, result, wait_s=args.tracking_wait_s)
     print_summary(cfg, result, metrics, tracking_uri)
     return metrics
 
 
+def check_data_paths(cfg: Config) -> None:
+    """Raises JobError when data.train or data.val is a local path that does not exist."""
+    if not Path(cfg.data.train).exists() and "://" not in cfg.data.train:
+        raise JobError(
+            f"data.train={cfg.data.train} does not exist. Write Parquet shards first: "
+            "`python -m jobs.prepare_data --demo` (demo) or `python -m jobs.prepare_data --src <images> --out <dir>`"
+        )
+    if not Path(cfg.data.val).exists() and "://" not in cfg.data.val:
+        raise JobError(
+            f"data.val={cfg.data.val} does not exist: a folder of validation images (or of shards), e.g. "
+            "data/demo/val from `python -m jobs.prepare_data --demo`"
+        )
+
+
+def fit_in_background(trainer):
+    """`trainer.fit()` in a helper thread, while this (main) thread waits.
+
+    Why: in the main thread, fit() blocks in ray.get and installs Ray Train's own SIGINT handler (which aborts
+    the run and exits 0); in a helper thread it does neither, so SIGINT and SIGTERM reach run_lifecycle's
+    handlers at once and the job exits 130 / 143 with its run KILLED. Ray stops the Train run's actors when
+    this driver exits.
+
+    Returns:
+        fit()'s Result.
+
+    Raises:
+        What fit() raised.
+    """
+    outcome = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 -- handed to the main thread, which raises it
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)  # signal handlers run in the main thread between these waits
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def non_finite_error(stopped: dict):
+    """The driver's NonFiniteLossError for what a worker handed back, with the run's failure tags."""
+    from gan_core.loop import NonFiniteLossError
+
+    err = NonFiniteLossError(stopped["message"])
+    err.mlflow_tags = {"failure": "non_finite_loss", "failure.step": str(stopped["step"])}
+    return err
+
+
+def cli() -> None:
+    """`python -m jobs.train`: run_main's exit statuses, plus 1 with one line for a failed run and 130 / 143
+    for an interrupted one (its MLflow run is closed by then)."""
+    from gan_core.loop import NonFiniteLossError
+    from jobs.tracking.runs import RunInterrupted
+    from jobs.training.report import FinalModelNotLogged
+
+    try:
+        run_main(main)
+    except RunInterrupted as stop:
+        print(f"stopped by {stop.signal_name}; rerun the same command (same --name) to resume from the last "
+              "checkpoint", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
+    except (NonFiniteLossError, FinalModelNotLogged) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    run_main(main)
+    cli()

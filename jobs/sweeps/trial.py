@@ -195,8 +195,11 @@ def run_trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
     train_storage = Path(settings["train_storage"])
     _remove_previous_train_runs(train_storage, trial_id)
     cfg = cfg.with_values({"run.storage_path": str(train_storage), "run.name": f"{trial_id}-{uuid.uuid4().hex[:6]}"})
+    exploited = bool(origin) and origin.get("trial_id") != trial_id
+    # After an exploit the trial trains the steps since the donor's checkpoint again, with other values: its
+    # MLflow history gets the new points; a trial resuming its own checkpoint skips the steps it already logged.
     loop_config = {"config": cfg.model_dump(mode="json"), "tracking_uri": settings["tracking_uri"],
-                   "run_id": run_id, "resume_from": checkpoint}
+                   "run_id": run_id, "resume_from": checkpoint, "skip_logged_steps": not exploited}
     inbox = Queue(maxsize=1, actor_options={"num_cpus": 0})
     acks = Queue(maxsize=1, actor_options={"num_cpus": 0})
     trainer = build_trainer(cfg, num_workers=settings["workers_per_trial"], use_gpu=settings["use_gpu"],

@@ -3,6 +3,11 @@
 Shared by `jobs.train` (one TorchTrainer) and `jobs.tune` (one TorchTrainer per trial). The loop itself,
 its cadence and its reductions over workers live in `gan_core/loop.py`; this file holds the numbered
 distributed steps around it.
+
+A non-finite loss is deterministic: Ray Train's restart from the last checkpoint (FailureConfig) would only
+replay it. With `non_finite` in the loop config (jobs.train), every worker catches it instead, at the same
+step, and returns without another report (reports are barriers: every worker makes the same number), so Train
+ends normally, without a restart; rank 0 hands `{"message", "step"}` to the driver through that queue.
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     `loop_config` holds `config` (the resolved Config as a dict), `tracking_uri` and `run_id` (rank 0 logs
     there; None disables MLflow), and optionally `resume_from`: a checkpoint to start from when this run
-    has none of its own yet (jobs.tune: a trial's last or a PBT donor's checkpoint).
+    has none of its own yet (jobs.tune: a trial's last or a PBT donor's checkpoint); `tracking_wait_s`: how
+    long the end of the run waits for an unreachable MLflow server to take the spooled metric points
+    (default 60); `non_finite`: a `ray.util.queue.Queue` that gets a non-finite loss instead of an error
+    (see the module docstring).
     """
     import ray.train
     import ray.train.torch
@@ -35,7 +43,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0 and loop_config.get("tracking_uri") and loop_config.get("run_id"):
         from jobs.tracking.runs import RunLogger
 
-        logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"])
+        logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"],
+                           skip_logged_steps=loop_config.get("skip_logged_steps", True))
 
     # 2. Models and optimizers, restored from the latest checkpoint after a failure or a rerun.
     sampler_state = None
@@ -76,9 +85,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         report=report,
         log=logger.metrics if logger is not None else loop.Hooks.log,
     )
-    loop.fit(state, loop.device_batches(sampler, device, cfg), cfg, hooks, rank=rank, world_size=world_size)
-    if logger is not None:
-        logger.say_failures()
+    non_finite = loop_config.get("non_finite")
+    wait_s = 0.0  # after an error, one try to send the spooled metric points: Train restarts or fails the run
+    try:
+        loop.fit(state, loop.device_batches(sampler, device, cfg), cfg, hooks, rank=rank, world_size=world_size)
+        wait_s = loop_config.get("tracking_wait_s", 60.0)
+    except loop.NonFiniteLossError as err:
+        if non_finite is None:
+            raise
+        # 6. Every worker is here, at the same step (the check reads all-reduced means): end, no restart.
+        wait_s = loop_config.get("tracking_wait_s", 60.0)
+        if rank == 0:
+            non_finite.put({"message": str(err), "step": state.step})
+    finally:
+        if logger is not None:
+            logger.close(wait_s)
 
 
 def decode_rows(rows, rank: int) -> tuple[list, list]:

@@ -119,6 +119,10 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_local, mlflow_s
     assert run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/psnr_y")]
     assert steps[-1] == 40 and steps[0] == 4
+    # The restarted workers replay the steps since the checkpoint; each (key, step) is logged once.
+    for key in ("val/psnr_y", "g/pix"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == list(range(4, 41, 4)), key
 
 
 def test_unreachable_tracking_server_fails_at_once(demo_data, tmp_path, capsys):
@@ -134,33 +138,6 @@ def test_unreachable_tracking_server_fails_at_once(demo_data, tmp_path, capsys):
     assert time.time() - start < 30
     err = capsys.readouterr().err
     assert "MLflow tracking server http://127.0.0.1:" in err and "unreachable" in err
-
-
-def test_tracking_server_lost_mid_run_training_continues(ray_local, demo_data, tmp_path, capfd):
-    from tests.jobs.conftest import start_mlflow_server, stop_process_group
-
-    server, uri = start_mlflow_server(tmp_path)
-
-    def stop_server_after_first_checkpoint():
-        deadline = time.time() + 1200
-        while time.time() < deadline:
-            if list(tmp_path.glob("lost/checkpoint_*/checkpoint.pt")):
-                stop_process_group(server, signal.SIGKILL)
-                return
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=stop_server_after_first_checkpoint, daemon=True)
-    watcher.start()
-    try:
-        metrics = _run("lost", uri, demo_data, tmp_path, steps=16,
-                       **{"train.ckpt_every": "4", "train.val_every": "4", "train.log_every": "2"})
-    finally:
-        stop_process_group(server, signal.SIGKILL)
-    assert metrics["step"] == 16
-    out = capfd.readouterr()
-    text = out.out + out.err
-    assert "logging call(s) lost so far, training continues" in text
-    assert "could not log the final model to MLflow" in text
 
 
 def test_source_sampling_needs_shards_with_a_source_column(ray_local, tmp_path):
