@@ -47,5 +47,7 @@ def run_main(main) -> None:
     try:
         main()
     except (JobError, ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        from jobs.tracking.server import redact_text
+
+        print(f"error: {redact_text(str(err))}", file=sys.stderr)
         sys.exit(2)

@@ -30,7 +30,7 @@ import mlflow
 from mlflow.entities import Metric, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
-from jobs.tracking.server import fail_fast_http, redact_uri
+from jobs.tracking.server import fail_fast_http, redact_text, redact_uri
 
 RUN_NAME_TAG = "gan.run_name"
 FAILURE_TAG = "failure"  # why the run ended FAILED or KILLED: non_finite_loss, interrupted, an exception's name
@@ -133,7 +133,7 @@ def run_lifecycle(client: MlflowClient, run_id: str, *, tracking_uri: str,
 
 def failure_tags(err: BaseException) -> dict[str, str]:
     """The tags of a run that failed with `err`: its class name and message, overridden by its `mlflow_tags`."""
-    return {FAILURE_TAG: type(err).__name__, "failure.message": str(err)[:1000],
+    return {FAILURE_TAG: type(err).__name__, "failure.message": redact_text(str(err))[:1000],
             **getattr(err, "mlflow_tags", {})}
 
 
@@ -186,8 +186,9 @@ def close_run(client: MlflowClient, run_id: str, status: str, tags: dict[str, st
         except Exception as err:  # noqa: BLE001 -- the server may be down: retry for a while, then say so
             if time.monotonic() + RETRY_PAUSE_S > deadline:
                 print(f"!! could not mark MLflow run {run_id} {status} at {redact_uri(tracking_uri)} after {tries} "
-                      f"tries ({type(err).__name__}: {str(err)[:200]}); it shows RUNNING there until the same "
-                      f"command is rerun (same --name) or the run is closed by hand", file=sys.stderr, flush=True)
+                      f"tries ({type(err).__name__}: {redact_text(str(err))[:200]}); it shows RUNNING there until "
+                      "the same command is rerun (same --name) or the run is closed by hand",
+                      file=sys.stderr, flush=True)
                 return False
             if tries == 1:
                 print(f"!! MLflow at {redact_uri(tracking_uri)} does not answer ({type(err).__name__}); retrying "
@@ -283,7 +284,8 @@ class RunLogger:
             if self._down_since is None:
                 self._down_since = time.monotonic()
                 print(f"!! MLflow at {redact_uri(self.tracking_uri)} failed to log metrics ({type(err).__name__}: "
-                      f"{str(err)[:160]}); the points are kept and re-sent when it answers, training continues",
+                      f"{redact_text(str(err))[:160]}); the points are kept and re-sent when it answers, "
+                      "training continues",
                       file=sys.stderr, flush=True)
             return False
         if self._down_since is not None:
@@ -320,7 +322,7 @@ class RunLogger:
             self.failures += 1
             print(
                 f"!! MLflow at {redact_uri(self.tracking_uri)} failed to log {what} ({type(err).__name__}: "
-                f"{str(err)[:160]}); {self.failures} logging call(s) lost so far, training continues",
+                f"{redact_text(str(err))[:160]}); {self.failures} logging call(s) lost so far, training continues",
                 file=sys.stderr,
                 flush=True,
             )

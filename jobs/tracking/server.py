@@ -11,6 +11,7 @@ No MLflow import at module level: every job's `--help` stays fast.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -39,6 +40,15 @@ def redact_uri(uri: str) -> str:
         user = credentials.split(":", 1)[0]
         netloc = f"{user}:***@{host}" if ":" in credentials else f"***@{host}"
     return urlunsplit((parts.scheme, netloc, parts.path, "", parts.fragment))
+
+
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s/:@]*):[^\s/@]+@")
+
+
+def redact_text(text: str) -> str:
+    """Every `scheme://user:password@` in `text` as `scheme://user:***@`: for error messages and tags that quote
+    a URI whatever its origin (MLflow's exceptions, requests' errors, our own lines)."""
+    return _URL_PASSWORD.sub(lambda m: f"{m.group('head')}:***@", text)
 
 
 def without_password(text: str, uri: str) -> str:

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from gan_core.checkpoint import export_generator
 from gan_core.config import Config
-from jobs.tracking.server import redact_uri
+from jobs.tracking.server import redact_text, redact_uri
 
 RETRY_PAUSE_S = 5.0
 
@@ -63,12 +63,13 @@ def finish_run(client: MlflowClient, run_id: str, cfg: Config, result, wait_s: f
             except (MlflowException, OSError) as err:  # the server is down (requests' errors are OSErrors)
                 if time.monotonic() + RETRY_PAUSE_S > deadline:
                     raise FinalModelNotLogged(
-                        f"training finished (checkpoint {result.checkpoint.path}) but MLflow at {tracking_uri} did "
-                        f"not take the final model within {wait_s:.0f} s ({type(err).__name__}: {str(err)[:160]}); "
+                        f"training finished (checkpoint {result.checkpoint.path}) but MLflow at "
+                        f"{redact_uri(tracking_uri)} did not take the final model within {wait_s:.0f} s "
+                        f"({type(err).__name__}: {redact_text(str(err))[:160]}); "
                         "rerun the same command (same --name) when it answers: it logs the model without training"
                     ) from err
-                print(f"!! MLflow at {tracking_uri} did not take the final model ({type(err).__name__}); retrying "
-                      f"for up to {wait_s:.0f} s", file=sys.stderr, flush=True)
+                print(f"!! MLflow at {redact_uri(tracking_uri)} did not take the final model ({type(err).__name__}); "
+                      f"retrying for up to {wait_s:.0f} s", file=sys.stderr, flush=True)
                 time.sleep(RETRY_PAUSE_S)
     metrics["model_uri"] = info.model_uri
     return metrics

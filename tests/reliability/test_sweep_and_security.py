@@ -246,3 +246,19 @@ def test_connect_stops_mlflow_printing_a_password_and_says_to_use_the_environmen
     err = capsys.readouterr().err
     assert SECRET not in err and "http://gan:***@127.0.0.1:5000 carries credentials" in err
     assert "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in err
+
+
+def test_every_job_error_line_hides_passwords_whatever_quoted_the_uri(capsys):
+    # run_main is where every job prints its one error line: a password quoted by MLflow's own exception text
+    # (which writes the URI as given) must not reach the terminal or a log.
+    from jobs.cli import JobError, run_main
+    from jobs.tracking.server import redact_text
+
+    def fails():
+        raise JobError("API request to http://gan:s3cret@127.0.0.1:5000/api/2.0/mlflow/runs/get failed")
+
+    with pytest.raises(SystemExit):
+        run_main(fails)
+    err = capsys.readouterr().err
+    assert "s3cret" not in err and "http://gan:***@127.0.0.1:5000/api" in err
+    assert redact_text("sqlite:////tmp/mlflow.db and s3://bucket/x") == "sqlite:////tmp/mlflow.db and s3://bucket/x"
