@@ -24,8 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-from gan_core.config import Config, config_to_yaml, flatten, load_config
-from jobs.cli import JobError, init_ray, run_main
+from gan_core.config import config_to_yaml, flatten, load_config
+from jobs.cli import init_ray, run_main
 from jobs.tracking.server import TRACKING_HELP, redact_uri
 
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     from jobs.tracking.server import connect
     from jobs.training.report import finish_run, print_summary
-    from jobs.training.trainer import build_trainer, with_absolute_paths, with_local_init_from
+    from jobs.training.trainer import build_trainer, check_data_paths, with_absolute_paths, with_local_init_from
 
     # 1. Everything that can be wrong with the command is found before an MLflow run exists.
     args = parse_args(argv)
@@ -107,20 +107,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         metrics = finish_run(client, run_id, cfg, result, wait_s=args.tracking_wait_s)
     print_summary(cfg, result, metrics, tracking_uri)
     return metrics
-
-
-def check_data_paths(cfg: Config) -> None:
-    """Raises JobError when data.train or data.val is a local path that does not exist."""
-    if not Path(cfg.data.train).exists() and "://" not in cfg.data.train:
-        raise JobError(
-            f"data.train={cfg.data.train} does not exist. Write Parquet shards first: "
-            "`python -m jobs.prepare_data --demo` (demo) or `python -m jobs.prepare_data --src <images> --out <dir>`"
-        )
-    if not Path(cfg.data.val).exists() and "://" not in cfg.data.val:
-        raise JobError(
-            f"data.val={cfg.data.val} does not exist: a folder of validation images (or of shards), e.g. "
-            "data/demo/val from `python -m jobs.prepare_data --demo`"
-        )
 
 
 def fit_in_background(trainer):

@@ -79,13 +79,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from jobs.sweeps.report import collect_trials, finish_sweep, print_summary, sweep_failure
     from jobs.sweeps.space import PbtScheduler, check_samples, load_space, resolve_base_config
     from jobs.tracking.server import connect
-    from jobs.training.trainer import with_absolute_paths
+    from jobs.training.trainer import check_data_paths, with_absolute_paths
 
     args = parse_args(argv)
     # 1. Everything that can be wrong with the space is found here, before Ray starts.
     space = load_space(args.space)
     base = with_absolute_paths(resolve_base_config(space, args.overrides))
     checked = check_samples(space, base)
+    check_data_paths(base)  # a typo in data.train / data.val fails here (exit 2), not in every trial
     num_samples = args.num_samples or space.num_samples
     num_trials = sweeps.count_trials(space, num_samples)
     print(f"[tune] space {args.space}: {len(space.searched_keys())} searched keys, {checked} edge configs valid, "

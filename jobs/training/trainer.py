@@ -18,18 +18,13 @@ def build_trainer(cfg: Config, *, num_workers: int, use_gpu: bool, loop_config: 
     """The TorchTrainer of one run, named `cfg.run.name`, storing under `cfg.run.storage_path`.
 
     Raises:
-        JobError: data.train does not exist, or its shards lack what data.sampling needs.
+        JobError: data.train or data.val does not exist, or the shards lack what data.sampling needs.
     """
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    train_path = Path(cfg.data.train)
-    if not train_path.exists() and "://" not in cfg.data.train:
-        raise JobError(
-            f"data.train={cfg.data.train} does not exist. Write Parquet shards first: "
-            "`python -m jobs.prepare_data --demo` (demo) or `python -m jobs.prepare_data --src <images> --out <dir>`"
-        )
+    check_data_paths(cfg)
     dataset = ray.data.read_parquet(cfg.data.train)
     if cfg.data.sampling == "source":
         if "source" not in dataset.schema().names:
@@ -63,6 +58,20 @@ def build_trainer(cfg: Config, *, num_workers: int, use_gpu: bool, loop_config: 
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(execution_options=ingest),
     )
+
+
+def check_data_paths(cfg: Config) -> None:
+    """Raises JobError when data.train or data.val is a local path that does not exist."""
+    if not Path(cfg.data.train).exists() and "://" not in cfg.data.train:
+        raise JobError(
+            f"data.train={cfg.data.train} does not exist. Write Parquet shards first: "
+            "`python -m jobs.prepare_data --demo` (demo) or `python -m jobs.prepare_data --src <images> --out <dir>`"
+        )
+    if not Path(cfg.data.val).exists() and "://" not in cfg.data.val:
+        raise JobError(
+            f"data.val={cfg.data.val} does not exist: a folder of validation images (or of shards), e.g. "
+            "data/demo/val from `python -m jobs.prepare_data --demo`"
+        )
 
 
 def with_absolute_paths(cfg: Config) -> Config:

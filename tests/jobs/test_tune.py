@@ -311,3 +311,13 @@ def test_bad_space_fails_before_any_trial_starts(problem, tmp_path):
     for text in expected:
         assert text in str(raised.value), str(raised.value)
     assert not storage.exists(), "no trial may start"
+
+
+def test_missing_data_fails_before_any_trial_starts(tmp_path):
+    from jobs.cli import JobError
+
+    storage = tmp_path / "runs"
+    with pytest.raises(JobError, match="data.train=.*no-data.*does not exist"):
+        tune.main(["--space", str(REPO / "tune_spaces" / "demo_asha.yaml"), "--name", "nodata",
+                   "--tracking-uri", "http://127.0.0.1:9", *tiny_overrides(tmp_path / "no-data", storage, steps=240)])
+    assert not storage.exists(), "no trial may start"
