@@ -152,7 +152,9 @@ def test_source_sampling_needs_shards_with_a_source_column(ray_local, tmp_path):
     shards = tmp_path / "plain_shards"
     shards.mkdir()
     pq.write_table(pa.table({"image": [encode_png(np.zeros((64, 64, 3), np.uint8))]}), shards / "part-00000.parquet")
-    cfg = load_config(DEMO, [f"data.train={shards}", "data.sampling=source", "run.name=no-source"])
+    (tmp_path / "val").mkdir()
+    cfg = load_config(DEMO, [f"data.train={shards}", f"data.val={tmp_path / 'val'}", "data.sampling=source",
+                             "run.name=no-source"])
     with pytest.raises(JobError, match="data.sampling=source needs a `source` column"):
         build_trainer(cfg, num_workers=2, use_gpu=False, loop_config={})
     tile = cfg.with_values({"data.sampling": "tile"})
