@@ -179,7 +179,8 @@ def _space(tmp_path: Path) -> str:
 
 JOBS = {  # each job's command line with an MLflow model or server: it checks the server before any work
     "tune": lambda tmp_path, uri: ("jobs.tune", ["--space", _space(tmp_path), "--tracking-uri", uri,
-                                                 f"run.storage_path={tmp_path / 'runs'}"]),
+                                                 f"run.storage_path={tmp_path / 'runs'}",
+                                                 f"data.train={tmp_path}", f"data.val={tmp_path}"]),
     "evaluate": lambda tmp_path, uri: ("jobs.evaluate", ["--model", "models:/sr@champion", "--data", str(tmp_path),
                                                          "--tracking-uri", uri]),
     "export": lambda tmp_path, uri: ("jobs.export", ["--model", "models:/sr@champion", "--data", str(tmp_path),
