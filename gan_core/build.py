@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gan_core.checkpoint import load_generator
+from gan_core.checkpoint import read_generator_weights
 from gan_core.config import Config
 from gan_core.losses import LPIPS, VGGFeatureLoss
 from gan_core.models import build_discriminator, build_generator
+from gan_core.models.basicsr import strip_wrapper_prefixes
 from gan_core.schedules import build_lr_scheduler
 from gan_core.step import TrainState
 
@@ -28,7 +29,8 @@ def build_perceptual(cfg: Config, device: torch.device) -> nn.Module | None:
     if loss.perceptual == "lpips":
         module = LPIPS(net=loss.lpips_net, weights_path=loss.perceptual_weights_path)
     else:
-        module = VGGFeatureLoss(layer="conv5_4", weights_path=loss.perceptual_weights_path)
+        module = VGGFeatureLoss(layers=loss.perceptual_layers or {"conv5_4": 1.0},
+                                weights_path=loss.perceptual_weights_path)
     return module.to(device).eval()
 
 
@@ -47,9 +49,11 @@ def build_state(cfg: Config, device: torch.device, init_generator: str | Path | 
     generator = build_generator(**cfg.generator.model_dump()).to(device)
     init_generator = init_generator or cfg.train.init_from
     if init_generator:
-        pretrained = load_generator(init_generator, device=device)
-        _check_same_architecture(pretrained, generator, init_generator)
-        generator.load_state_dict(pretrained.state_dict())
+        # Only the weights: this run's generator.* (res_scale, upsample_skip) is the architecture they go into.
+        weights, _ = read_generator_weights(init_generator, device=device)
+        weights = strip_wrapper_prefixes(weights)
+        _check_same_architecture(weights, generator, init_generator)
+        generator.load_state_dict(weights)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     generator = generator.to(memory_format=memory_format)
     g_optimizer = torch.optim.Adam(
@@ -58,7 +62,8 @@ def build_state(cfg: Config, device: torch.device, init_generator: str | Path | 
     state = TrainState(
         generator=generator,
         g_optimizer=g_optimizer,
-        g_scheduler=build_lr_scheduler(g_optimizer, cfg.schedule, cfg.train.total_steps),
+        g_scheduler=build_lr_scheduler(g_optimizer, cfg.schedule, cfg.train.total_steps,
+                                       gan_start=_gan_start(cfg), gan_lr_scale=cfg.schedule.gan_g_lr_scale),
     )
     if cfg.train.ema_decay > 0:
         state.generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
@@ -69,14 +74,20 @@ def build_state(cfg: Config, device: torch.device, init_generator: str | Path | 
         )
         state.discriminator = discriminator
         state.d_optimizer = d_optimizer
-        state.d_scheduler = build_lr_scheduler(d_optimizer, cfg.schedule, cfg.train.total_steps)
+        state.d_scheduler = build_lr_scheduler(d_optimizer, cfg.schedule, cfg.train.total_steps,
+                                               gan_start=_gan_start(cfg))
         state.perceptual = build_perceptual(cfg, device)
     return state
 
 
-def _check_same_architecture(pretrained: nn.Module, generator: nn.Module, source: str | Path) -> None:
+def _gan_start(cfg: Config) -> int:
+    """The first step of the GAN phase; a pixel-only run has none (its schedule is never split)."""
+    return cfg.train.pretrain_steps if cfg.gan_enabled else cfg.train.total_steps
+
+
+def _check_same_architecture(weights: dict[str, torch.Tensor], generator: nn.Module, source: str | Path) -> None:
     ours = {k: tuple(v.shape) for k, v in generator.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in pretrained.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in weights.items()}
     if ours != theirs:
         differing = sorted(set(ours.items()) ^ set(theirs.items()))[:4]
         raise ValueError(

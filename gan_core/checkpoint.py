@@ -5,7 +5,8 @@
 - A generator file holds one set of generator weights and the config that rebuilds the network
   (`{"generator": {"name": "rrdb", ...every constructor argument}}`): what inference, export, the
   registry and `train.init_from` read. `save_generator` and `export_generator` write one.
-- `load_generator` reads a generator from either of ours, or from a BasicSR / Real-ESRGAN `.pth`.
+- `load_generator` reads a generator from either of ours, from a `.safetensors` file (`gan_core.portable`), or
+  from a BasicSR / Real-ESRGAN `.pth`; plain weights need the caller to say what they cannot tell (`arch`).
 - Which checkpoint folders are complete, and a run's newest complete one: `gan_core.manifest`.
 
 Every write is atomic (`gan_core.files`), every read `torch.load(weights_only=True)`: loading a file never
@@ -27,14 +28,16 @@ from gan_core.config import Config, config_from_dict
 from gan_core.files import atomic_torch_save
 from gan_core.models import RRDBNet, build_generator, generator_config
 from gan_core.models.basicsr import pick_state_dict, rrdb_kwargs_from_state_dict, strip_wrapper_prefixes
+from gan_core.portable import ARCH_HELP, FORMAT, parse_arch, read_safetensors
 from gan_core.step import TrainState, unwrap
 
-CHECKPOINT_FORMAT = "gan_core/1"
+CHECKPOINT_FORMAT = FORMAT
 CHECKPOINT_FILE = "checkpoint.pt"
 
 _EXPECTED = (
     f"expected a {CHECKPOINT_FORMAT!r} checkpoint or generator file (a dict with 'format', 'config', "
-    "'generator') or a BasicSR RRDBNet state dict (plain, or under 'params_ema' / 'params')"
+    "'generator'), a .safetensors generator, or a BasicSR RRDBNet state dict (plain, or under 'params_ema' / "
+    "'params')"
 )
 
 
@@ -202,24 +205,59 @@ def _write_generator_file(path: str | Path, config: dict[str, Any], weights: dic
     return atomic_torch_save(payload, path)
 
 
-def load_generator(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> nn.Module:
-    """Load a generator in eval mode from a training checkpoint, a generator file or a BasicSR `.pth`.
+def load_generator(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,
+                   arch: str | dict[str, Any] | None = None) -> nn.Module:
+    """Load a generator in eval mode from a training checkpoint, a generator file, a safetensors file or a
+    BasicSR `.pth`.
+
+    Our files and our safetensors carry the generator config. Plain weights (a BasicSR `.pth`, a
+    safetensors file without our metadata) show channels, width, depth, growth and scale in their shapes,
+    but not `res_scale` or `upsample_skip`: a model trained with res_scale 0.3 would load "fine" with 0.2
+    and compute something else. So plain weights need `arch`; this function never guesses.
 
     Args:
-        path: our `checkpoint.pt` (or a directory holding one), a generator file, or a BasicSR-format
-            `.pth` (RRDBNet weights, plain or under "params_ema" / "params"; "module." and "_orig_mod."
-            prefixes are stripped; the architecture is read from the shapes, res_scale is BasicSR's 0.2).
+        path: our `checkpoint.pt` (or a directory holding one), a generator file, a `.safetensors` file, or a
+            BasicSR-format `.pth` (RRDBNet weights, plain or under "params_ema" / "params"; "module." and
+            "_orig_mod." prefixes are stripped).
         device: where to put the weights.
         use_ema: prefer the EMA weights ("generator_ema" / "params_ema") when the file has them.
+        arch: what plain weights cannot tell: "basicsr" (res_scale 0.2, no skip), "k=v,..." or a dict of
+            generator arguments. For files that carry their config, it must agree with it (a check).
 
     Returns:
         The generator on `device`, in eval mode, with its weights loaded strictly.
 
     Raises:
         FileNotFoundError: the path (or `<dir>/checkpoint.pt`) does not exist.
-        ValueError: the file is neither format; the message shows what it found and what was expected.
+        ValueError: the file is none of these formats (the message shows what it found), plain weights
+            without `arch`, or an `arch` that contradicts the file.
     """
     file = _resolve_file(path)
+    arch = parse_arch(arch)
+    weights, generator_cfg = read_generator_weights(file, device, use_ema)
+    if generator_cfg is not None:
+        _check_arch_agrees(file, generator_cfg, arch)
+        model = build_generator(**generator_cfg)
+    else:
+        model = _plain_rrdb(file, weights, arch)
+    try:
+        model.load_state_dict(strip_wrapper_prefixes(weights), strict=True)
+    except RuntimeError as err:  # missing/unexpected keys or wrong shapes: the file does not match its config
+        raise ValueError(f"{file}: weights do not match {type(model).__name__}: {err}") from err
+    return model.to(device).eval()
+
+
+def read_generator_weights(path: str | Path, device: str | torch.device = "cpu",
+                           use_ema: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The generator weights of any file `load_generator` reads, and its generator config (None for plain
+    weights), without building the network: what `train.init_from` needs.
+
+    Raises:
+        FileNotFoundError, ValueError: as `load_generator`.
+    """
+    file = _resolve_file(path)
+    if file.suffix == ".safetensors":
+        return read_safetensors(file)
     obj = _torch_load(file, device)
     if isinstance(obj, dict) and "format" in obj:
         if obj["format"] != CHECKPOINT_FORMAT:
@@ -232,20 +270,36 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu", use_ema
         weights = weights if weights is not None else obj.get("generator")
         if not isinstance(weights, dict) or not weights:
             raise ValueError(f"{file}: {CHECKPOINT_FORMAT} file has no 'generator' weights; found {_describe(obj)}")
-        model = build_generator(**generator_cfg)
-    else:
-        weights = pick_state_dict(obj, use_ema)
-        if weights is None:
-            raise ValueError(f"{file}: found {_describe(obj)}; {_EXPECTED}")
-        try:
-            model = RRDBNet(**rrdb_kwargs_from_state_dict(weights))
-        except ValueError as err:
-            raise ValueError(f"{file}: {err}") from err
+        return weights, generator_cfg
+    weights = pick_state_dict(obj, use_ema)
+    if weights is None:
+        raise ValueError(f"{file}: found {_describe(obj)}; {_EXPECTED}")
+    return weights, None
+
+
+def _plain_rrdb(file: Path, weights: dict[str, torch.Tensor], arch: dict[str, Any] | None) -> nn.Module:
+    """The RRDBNet for plain weights: shapes give the sizes, `arch` what shapes cannot tell."""
     try:
-        model.load_state_dict(strip_wrapper_prefixes(weights), strict=True)
-    except RuntimeError as err:  # missing/unexpected keys or wrong shapes: the file does not match its config
-        raise ValueError(f"{file}: weights do not match {type(model).__name__}: {err}") from err
-    return model.to(device).eval()
+        kwargs = rrdb_kwargs_from_state_dict(strip_wrapper_prefixes(weights))
+    except ValueError as err:
+        raise ValueError(f"{file}: {err}") from err
+    if arch is None:
+        raise ValueError(f"{file} holds plain RRDBNet weights, which do not record res_scale or upsample_skip "
+                         f"(a wrong guess loads without error and computes something else); pass `arch` (the jobs' --arch): "
+                         f"{ARCH_HELP}")
+    for key, value in arch.items():
+        if key in kwargs and kwargs[key] != value:
+            raise ValueError(f"{file}: arch says {key}={value!r} but the weights' shapes say {kwargs[key]!r}")
+    try:
+        return RRDBNet(**{**kwargs, **arch})
+    except TypeError as err:
+        raise ValueError(f"{file}: arch {arch}: {err}") from err
+
+
+def _check_arch_agrees(file: Path, generator_cfg: dict[str, Any], arch: dict[str, Any] | None) -> None:
+    for key, value in (arch or {}).items():
+        if key in generator_cfg and generator_cfg[key] != value:
+            raise ValueError(f"{file} records {key}={generator_cfg[key]!r}, but arch asks for {key}={value!r}")
 
 
 # -- reading files ----------------------------------------------------------------

@@ -8,7 +8,12 @@ On a cluster:
         python -m jobs.export --model models:/esrgan-x4@champion --data /shared/val --output /shared/exported \
         --tracking-uri http://<head>:5000
 
-Writes `generator.onnx` and `generator_int8.pt` (see gan_core.deploy) into --output and prints:
+Writes into --output:
+- `generator.safetensors` (always) and `generator.pth` (`params_ema`, BasicSR layout) for chaiNNer, ComfyUI
+  (both load through spandrel), BasicSR and Real-ESRGAN's scripts, when the generator is exactly BasicSR's
+  RRDBNet; otherwise the safetensors file only, marked as loadable by gan_core only, and the reasons are
+  printed (see gan_core.portable: such a file must never load elsewhere and compute something else);
+- `generator.onnx` and `generator_int8.pt` (see gan_core.deploy), and prints:
 - the ONNX parity: max |onnxruntime - PyTorch| over the validation inputs at their own sizes (so the
   dynamic H and W are exercised), which must stay below --onnx-tolerance;
 - the int8 model's size against fp32 and its PSNR / SSIM change on the validation images. The
@@ -27,9 +32,26 @@ from pathlib import Path
 
 import torch
 
+from gan_core.portable import ARCH_HELP
 from jobs.cli import JobError, run_main
 from jobs.tracking.model_source import MODEL_HELP
 from jobs.tracking.server import TRACKING_HELP
+
+
+def export_portable(generator, out: Path) -> dict:
+    """generator.safetensors (+ generator.pth when BasicSR-exact) in `out`; prints where they load."""
+    from gan_core.models import generator_config
+    from gan_core.portable import write_portable
+
+    files = write_portable(out, generator_config(generator), generator.state_dict(), step=0)
+    if files.loadable_elsewhere:
+        print(f"safetensors: {files.safetensors} and {files.pth} load in chaiNNer / ComfyUI (spandrel), BasicSR, "
+              "Real-ESRGAN")
+    else:
+        print(f"safetensors: {files.safetensors} loads in gan_core only (not BasicSR's exact RRDBNet: "
+              f"{'; '.join(files.problems)}); no .pth written")
+    return {"safetensors": str(files.safetensors), "pth": str(files.pth) if files.pth else None,
+            "loadable_elsewhere": files.loadable_elsewhere, "problems": list(files.problems)}
 
 
 def lr_inputs(images, scale: int) -> list[torch.Tensor]:
@@ -97,6 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--crop", type=int, help="centre-crop HR images to this side first (quick CPU runs)")
     parser.add_argument("--no-onnx", action="store_true")
     parser.add_argument("--no-int8", action="store_true")
+    parser.add_argument("--arch", help="for plain weights (a BasicSR .pth): " + ARCH_HELP)
     parser.add_argument("--onnx-tolerance", type=float, default=1e-4, help="max allowed |onnxruntime - torch|")
     parser.add_argument("--backend", default="x86", choices=("x86", "fbgemm", "qnnpack"), help="int8 kernels")
     parser.add_argument("--keep-float", nargs="*", default=[], metavar="MODULE",
@@ -128,13 +151,13 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         source = resolve_model(args.model, tmp)
         try:
-            generator = load_generator(source.path)
+            generator = load_generator(source.path, arch=args.arch)
         except ValueError as err:
             raise JobError(f"--model {args.model}: {err}") from err
     scale = int(generator.scale)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"model": args.model}
+    result = {"model": args.model, "portable": export_portable(generator, out)}
     if not args.no_onnx:
         result["onnx"] = export_onnx_checked(generator, images, scale, out / "generator.onnx", args.onnx_tolerance)
     if not args.no_int8:

@@ -1,15 +1,18 @@
 """Bring published ESRGAN / Real-ESRGAN weights (BasicSR format) into the registry as a model version.
 
 Locally:
-    python -m jobs.import_weights --basicsr weights/RealESRGAN_x4plus.pth --registered-model esrgan-x4 \
+    python -m jobs.import_weights --basicsr weights/RealESRGAN_x4plus.pth --arch basicsr --registered-model esrgan-x4 \
         [--data data/demo/val] [--alias baseline --min-gain-db -1.0]
 On a cluster:
     ray job submit --address http://<head>:8265 --working-dir . -- \
-        python -m jobs.import_weights --basicsr /shared/weights/ESRGAN_x4.pth --registered-model esrgan-x4 \
+        python -m jobs.import_weights --basicsr /shared/weights/ESRGAN_x4.pth --arch basicsr --registered-model esrgan-x4 \
         --tracking-uri http://<head>:5000
 
-The file (plain state dict, or `params_ema` / `params`) is checked by loading it into RRDBNet, whose
-architecture is read from the weights' shapes; it is stored as a generator file (one set of
+The file (plain state dict, or `params_ema` / `params`; or a safetensors file) is checked by loading it
+into RRDBNet, whose sizes are read from the weights' shapes. What shapes cannot tell (res_scale, an
+upsampling skip) comes from the file's metadata (our safetensors) or from --arch: `--arch basicsr` for
+BasicSR / Real-ESRGAN releases (res_scale 0.2, no skip), `--arch res_scale=0.3` for weights trained
+otherwise. Without either, the import stops instead of guessing; it is stored as a generator file (one set of
 weights, the config that rebuilds the network) inside a pyfunc model logged to a run of --experiment,
 then registered. With --data, the held-out evaluation is attached (`eval.*` tags) so that
 `jobs.promote` and users can compare against it. The version is tagged with the file's SHA-256:
@@ -33,6 +36,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from gan_core.portable import ARCH_HELP
 from jobs.cli import JobError, run_main
 from jobs.tracking.server import TRACKING_HELP
 
@@ -48,13 +52,14 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def convert_basicsr(path: Path, out_file: Path, use_ema: bool = True) -> tuple[Path, dict]:
+def convert_basicsr(path: Path, out_file: Path, use_ema: bool = True, arch: str | None = None) -> tuple[Path, dict]:
     """Check a BasicSR .pth by loading it, and write it as a generator file (`gan_core.checkpoint.save_generator`).
 
     Args:
         path: the .pth file.
         out_file: where the slim checkpoint goes.
         use_ema: prefer `params_ema` over `params` when the file has both.
+        arch: what plain weights cannot tell (`gan_core.portable.parse_arch`); files with metadata need none.
 
     Returns:
         (out_file, the generator's config: name and every constructor argument).
@@ -66,7 +71,7 @@ def convert_basicsr(path: Path, out_file: Path, use_ema: bool = True) -> tuple[P
     from gan_core.models import generator_config
 
     try:
-        generator = load_generator(path, use_ema=use_ema)
+        generator = load_generator(path, use_ema=use_ema, arch=arch)
     except FileNotFoundError as err:
         raise JobError(f"--basicsr {path}: no such file") from err
     except ValueError as err:
@@ -85,7 +90,9 @@ def existing_import(client, name: str, digest: str):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.import_weights", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--basicsr", required=True, help="BasicSR-format RRDBNet weights (.pth)")
+    parser.add_argument("--basicsr", required=True,
+                        help="RRDBNet weights: a BasicSR-format .pth, or a .safetensors file")
+    parser.add_argument("--arch", help="for plain weights (a BasicSR .pth): " + ARCH_HELP)
     parser.add_argument("--registered-model", required=True)
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="the run that holds the logged model")
     parser.add_argument("--use-params", action="store_true", help="take `params` even when `params_ema` exists")
@@ -133,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
               + (f"; @{args.alias} not moved" if args.alias else ""))
         return {"version": found.version, "run_id": found.run_id, "existing": True, "decision": None}
     with tempfile.TemporaryDirectory(prefix="import-") as tmp:
-        slim, kwargs = convert_basicsr(path, Path(tmp) / "generator.pt", use_ema=not args.use_params)
+        slim, kwargs = convert_basicsr(path, Path(tmp) / "generator.pt", use_ema=not args.use_params, arch=args.arch)
         metrics, images = {}, []
         if args.data:
             from gan_core.scoring import load_eval_images

@@ -102,23 +102,6 @@ def local_checkpoint_file(path: Path) -> Path:
         raise JobError(f"--model {path}: {err}") from None
 
 
-def slim_generator_file(path: Path, out_dir: Path) -> Path:
-    """A training checkpoint reduced to a generator file (EMA weights when present), else `path` unchanged.
-
-    Training checkpoints also hold the discriminator, optimizer states and RNG: several times the
-    weights' size, which matters when the file is shipped to every Ray actor.
-    """
-    from gan_core.checkpoint import export_generator, read_checkpoint
-
-    try:
-        payload = read_checkpoint(path)
-    except Exception:  # noqa: BLE001 -- a BasicSR .pth (or garbage, which load_generator then explains)
-        return path
-    if "g_optimizer" not in payload:
-        return path
-    return export_generator(path, out_dir / "generator-slim.pt")
-
-
 def _from_run_uri(spec: str, download_dir: Path) -> ModelSource:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient

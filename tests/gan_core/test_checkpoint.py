@@ -176,7 +176,7 @@ def test_load_basicsr_format(tmp_path, layout):
         "compile_prefix": {f"_orig_mod.{k}": v for k, v in state.items()},
         "both_prefixes": {"params_ema": {f"_orig_mod.module.{k}": v for k, v in state.items()}},
     }[layout]
-    loaded = load_generator(_save(obj, tmp_path / "net_g.pth"))
+    loaded = load_generator(_save(obj, tmp_path / "net_g.pth"), arch="basicsr")
     assert isinstance(loaded, RRDBNet)
     assert (loaded.scale, loaded.conv_first.out_channels, len(loaded.body)) == (2, 16, 3)
     assert loaded.body[0].rdb1.conv1.out_channels == 8
@@ -186,7 +186,7 @@ def test_load_basicsr_format(tmp_path, layout):
 @pytest.mark.parametrize("scale", [1, 2, 4])
 def test_load_basicsr_infers_scale(tmp_path, scale):
     reference = rrdb_tiny(scale=scale)
-    loaded = load_generator(_save(reference.state_dict(), tmp_path / "g.pth"))
+    loaded = load_generator(_save(reference.state_dict(), tmp_path / "g.pth"), arch="basicsr")
     assert loaded.scale == scale
     _assert_same_outputs(loaded, reference)
 
@@ -195,8 +195,8 @@ def test_load_basicsr_prefers_params_ema(tmp_path):
     torch.manual_seed(0)
     ema, raw = rrdb_tiny(), rrdb_tiny()
     path = _save({"params": raw.state_dict(), "params_ema": ema.state_dict()}, tmp_path / "g.pth")
-    _assert_same_outputs(load_generator(path), ema)
-    _assert_same_outputs(load_generator(path, use_ema=False), raw)
+    _assert_same_outputs(load_generator(path, arch="basicsr"), ema)
+    _assert_same_outputs(load_generator(path, use_ema=False, arch="basicsr"), raw)
 
 
 def test_load_training_checkpoint_prefers_ema(tmp_path):
@@ -239,7 +239,7 @@ def test_load_bad_files_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="do not match RRDBNet"):
         state = rrdb_tiny().state_dict()
         del state["body.0.rdb2.conv3.bias"]
-        load_generator(_save(state, tmp_path / "f.pth"))
+        load_generator(_save(state, tmp_path / "f.pth"), arch="basicsr")
     with pytest.raises(FileNotFoundError):
         load_generator(tmp_path / "missing")
 

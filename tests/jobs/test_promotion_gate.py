@@ -81,7 +81,8 @@ def promote(world, *extra: str) -> dict:
 
 
 def import_argv(world, path, *extra: str) -> list[str]:
-    return ["--basicsr", str(path), "--registered-model", world["model"], "--data", world["val"], "--crop", CROP,
+    return ["--basicsr", str(path), "--arch", "basicsr", "--registered-model", world["model"], "--data", world["val"],
+            "--crop", CROP,
             "--experiment", world["experiment"] + "-imports", "--tracking-uri", world["uri"], *extra]
 
 
