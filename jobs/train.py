@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, nccl")
     parser.add_argument("--name", help="run name (default run.name, else recipe-YYYYmmdd-HHMMSS); reuse it to resume")
     parser.add_argument("--tracking-uri", help=TRACKING_HELP)
+    parser.add_argument("--register", metavar="NAME",
+                        help="register the final model as a new version of this registered model, with a model card")
     parser.add_argument("--tracking-wait-s", type=float, default=60.0,
                         help="at the end of the run, how long to wait for an unreachable MLflow server to take the "
                              "spooled metric points and the final model (default 60)")
@@ -84,8 +86,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     close_wait_s = min(CLOSE_WAIT_S, args.tracking_wait_s)
     with run_lifecycle(client, run_id, tracking_uri=tracking_uri, close_wait_s=close_wait_s):
         log_params_once(client, run_id, flatten(cfg.model_dump(mode="json")) | {"num_workers": args.num_workers})
-        client.set_tag(run_id, "git_commit", git_commit())
-        client.set_tag(run_id, "ray_job_id", ray_job_id())
+        for key, value in {"git_commit": git_commit(), "ray_job_id": ray_job_id()}.items():
+            if value and value != "unknown":  # no empty tags: a local run has no Ray job id
+                client.set_tag(run_id, key, value)
         client.set_tag(run_id, "checkpoint_location", f"{cfg.run.storage_path}/{run_name}")
         client.log_text(run_id, config_to_yaml(cfg), "config.yaml")
         print(f"{'resuming' if resumed else 'starting'} run {run_name!r}: MLflow run {run_id} at "
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             raise non_finite_error(stopped)
 
         # 4. The final model into MLflow.
-        metrics = finish_run(client, run_id, cfg, result, wait_s=args.tracking_wait_s)
+        metrics = finish_run(client, run_id, cfg, result, wait_s=args.tracking_wait_s, register=args.register)
     print_summary(cfg, result, metrics, tracking_uri)
     return metrics
 

@@ -1,45 +1,69 @@
-"""The generator as an MLflow pyfunc model: uint8 HxWx3 RGB image(s) in, enhanced uint8 image(s) out.
+"""The generator as a self-contained MLflow pyfunc model: images in, enhanced images out.
+
+Two ways in, one model:
+
+    # REST (`mlflow models serve`) and DataFrames: an `image` column of encoded PNG / JPEG bytes
+    # (base64 strings in JSON), any sizes in one request; out: an `image` column of PNG bytes.
+    curl -s localhost:5001/invocations -H 'Content-Type: application/json' \
+        -d '{"dataframe_split": {"columns": ["image"], "data": [["<base64 PNG>"], ["<base64 JPEG>"]]}}'
 
     model = mlflow.pyfunc.load_model("models:/esrgan-x4@champion")
-    big = model.predict(small)                               # one HxWx3 uint8 array
-    bigs = model.predict([img_a, img_b])                     # or a list of them (any sizes)
-    big = model.predict(small, params={"tile": 128})         # smaller tiles, less memory
+    out = model.predict(pd.DataFrame({"image": [png_bytes, jpeg_bytes]}))["image"]   # the REST path, in-process
+    out = model.predict(frame, params={"tile": 128})         # smaller tiles, less memory
 
-Large images are processed in overlapping tiles (`tile`, `tile_overlap`: the model config's
-defaults, or `params` per call), so memory stays bounded. Loading needs this package installed
-(gan_core and jobs) and nothing else; the generator file travels as the model's artifact.
+    # Python: uint8 HxWx3 RGB arrays in and out, no encoding (MLflow's schema check wants DataFrames, so
+    # arrays go to the model itself).
+    generator = model.unwrap_python_model()
+    big = generator.enhance(small)                           # one HxWx3 uint8 array
+    bigs = generator.enhance([img_a, img_b], tile=128)       # or a list of them (any sizes)
 
-The signature declares the params but no input schema on purpose: MLflow's tensor schemas fix
-every dimension but the first (a 32x32 example would refuse any other size) and reject lists,
-while this model takes any H, W and a list of differently sized images.
+Large images are processed in overlapping tiles (`tile`, `tile_overlap`: the model config's defaults, or
+`params` per call), so memory stays bounded; `max_pixels` refuses larger inputs. A malformed request (no
+`image` column, bytes that are not an image, an image over the limit) is refused with one line that says
+which row and why (HTTP 400 from the scoring server, which prefixes it with "Failed to predict data").
+
+Self-contained: the model carries `gan_core` as code (`code_paths`), and its requirements are the
+third-party packages gan_core imports, so it loads and serves where this repository is not checked out
+and not installed (`mlflow models serve --env-manager virtualenv`, or `local` in any environment with
+those packages). We ship code, not a wheel of the project: gan_core is pure Python, the model then holds
+exactly the code that trained it, and no index has to host our package. The `jobs` package is not needed.
+
+The signature declares the `image` column as binary in and out: MLflow base64-decodes it from JSON (and
+base64-encodes the PNG bytes of the answer), and the schema is visible in the registry.
 
 Logged as MLflow "models from code", not as a cloudpickled PythonModel: the model folder holds MLmodel,
-a copy of this file (`pyfunc.py`) and the generator file (`artifacts/`), and no pickle, so loaders may
-set MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false. Loading runs that copy (MLflow imports it under a
-`code_model_<hex>` name; its last line hands MLflow the model): the code a loader executes is plain
-Python anyone can read in the registry, pinned to the version that logged it. It is still code: who may
-write to the registry must be restricted (cluster.yaml's MLflow server requires a login), and this
-project's jobs never load a model through pyfunc: they read only the `generator` artifact with
-`torch.load(weights_only=True)` (jobs.tracking.model_source).
+a copy of this file, the gan_core code and the generator files (`artifacts/`), and no pickle, so loaders
+may set MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false. Loading runs that code: who may write to the registry
+must be restricted (cluster.yaml's MLflow server requires a login), and this project's jobs never load a
+model through pyfunc: they read only the `generator` artifact with `torch.load(weights_only=True)`
+(jobs.tracking.model_source).
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
-from mlflow.types import ParamSchema, ParamSpec
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 GENERATOR_ARTIFACT = "generator"
+SAFETENSORS_ARTIFACT = "safetensors"  # gan_core.portable: for chaiNNer / ComfyUI / spandrel
+BASICSR_PTH_ARTIFACT = "basicsr_pth"  # only when the generator is exactly BasicSR's RRDBNet
+IMAGE_COLUMN = "image"
 MODEL_CODE = str(Path(__file__).resolve())  # what log_generator_model stores as the model's code
+GAN_CORE_DIR = str(Path(__file__).resolve().parents[2] / "gan_core")  # shipped with the model (code_paths)
 DEFAULT_TILE = 256
 DEFAULT_TILE_OVERLAP = 16
-# The package itself must be installed where the model is loaded; these are what it imports.
-PIP_REQUIREMENTS = ["torch", "torchvision", "numpy", "pillow", "scipy", "pyarrow", "lpips", "pydantic", "pyyaml"]
+DEFAULT_MAX_PIXELS = 16_000_000  # per input image (4000 x 4000); larger ones are refused, not run out of memory
+# What gan_core imports (checked by the no-checkout test); the model brings gan_core itself.
+PIP_REQUIREMENTS = ["torch", "torchvision", "numpy", "pillow", "scipy", "pyarrow", "lpips", "pydantic", "pyyaml",
+                    "safetensors", "tqdm", "pandas"]
 
 
 class GeneratorModel(PythonModel):
@@ -56,39 +80,101 @@ class GeneratorModel(PythonModel):
         config = context.model_config or {}
         self.tile = config.get("tile", DEFAULT_TILE)
         self.tile_overlap = config.get("tile_overlap", DEFAULT_TILE_OVERLAP)
+        self.max_pixels = config.get("max_pixels", DEFAULT_MAX_PIXELS)
 
     # model_input has no type hint on purpose: MLflow would try to build an input schema from it.
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        """Enhance one uint8 HxWx3 RGB image, or each of a list of them.
+        """Enhance the encoded images of a DataFrame's `image` column (uint8 arrays: see `enhance`).
 
         Args:
-            model_input: an HxWx3 uint8 array, or a list / tuple of them.
+            model_input: a pandas DataFrame with an `image` column (PNG / JPEG / ... bytes, any sizes); or,
+                called on the unwrapped model, what `enhance` takes.
             params: `tile` (LR tile side; 0 runs whole images) and `tile_overlap`.
 
         Returns:
-            The enhanced uint8 image, or a list of them in input order.
+            A DataFrame with an `image` column of PNG bytes, rows in input order.
 
         Raises:
-            ValueError: an input is not a uint8 HxWx3 array.
+            MlflowException (INVALID_PARAMETER_VALUE, HTTP 400): a malformed input; one line says why.
         """
-        from gan_core.inference import enhance_image
+        import pandas as pd
 
         params = params or {}
-        tile = params.get("tile", self.tile)
-        overlap = params.get("tile_overlap", self.tile_overlap)
-        single = isinstance(model_input, np.ndarray) and model_input.ndim == 3
-        if isinstance(model_input, np.ndarray) and model_input.ndim == 4:
-            model_input = list(model_input)  # a stacked batch of same-size images
-        if not single and not isinstance(model_input, (list, tuple)):
-            raise ValueError(f"expected a uint8 HxWx3 array or a list of them, got {type(model_input).__name__}")
-        images = [model_input] if single else list(model_input)
-        outputs = [enhance_image(self.generator, _as_uint8(img), self.scale, self.device, tile=tile or None,
-                                 tile_overlap=overlap) for img in images]
+        if not isinstance(model_input, pd.DataFrame):
+            return self.enhance(model_input, **params)
+        settings = {"tile": params.get("tile", self.tile) or None,
+                    "tile_overlap": params.get("tile_overlap", self.tile_overlap)}
+        return pd.DataFrame({IMAGE_COLUMN: self._enhance_encoded(model_input, settings)})
+
+    def enhance(self, images, tile: int | None = None, tile_overlap: int | None = None):
+        """Enhance one uint8 HxWx3 RGB array, a stacked NxHxWx3 array, or a list of arrays (any sizes).
+
+        Returns:
+            The enhanced uint8 array, or a list of them in input order.
+
+        Raises:
+            MlflowException (INVALID_PARAMETER_VALUE): not uint8 HxWx3, or over the pixel limit.
+        """
+        settings = {"tile": (self.tile if tile is None else tile) or None,
+                    "tile_overlap": self.tile_overlap if tile_overlap is None else tile_overlap}
+        single = isinstance(images, np.ndarray) and images.ndim == 3
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)  # a stacked batch of same-size images
+        if not single and not isinstance(images, (list, tuple)):
+            raise _bad_input(f"expected a uint8 HxWx3 array or a list of them, got {type(images).__name__}")
+        batch = [images] if single else list(images)
+        outputs = [self._enhance(_as_uint8(img), f"image {index}", settings) for index, img in enumerate(batch)]
         return outputs[0] if single else outputs
+
+    def _enhance_encoded(self, frame, settings: dict[str, Any]) -> list[bytes]:
+        from gan_core.data import ImageDecodeError, decode_image, encode_png
+
+        if IMAGE_COLUMN not in frame.columns:
+            raise _bad_input(f"no {IMAGE_COLUMN!r} column (got {list(map(str, frame.columns))}); send "
+                             f"{{\"dataframe_split\": {{\"columns\": [\"{IMAGE_COLUMN}\"], \"data\": [[<base64>]]}}}}")
+        outputs = []
+        for index, data in enumerate(frame[IMAGE_COLUMN]):
+            if isinstance(data, str):  # a column MLflow did not decode (no schema): base64 text
+                data = _b64decode(data, index)
+            if not isinstance(data, (bytes, bytearray)):
+                raise _bad_input(f"row {index}: expected encoded image bytes, got {type(data).__name__}")
+            try:
+                img = decode_image(bytes(data), name=f"row {index}", max_pixels=self.max_pixels)
+            except (ImageDecodeError, ValueError) as err:  # ImageTooLargeError is a ValueError
+                raise _bad_input(_one_line(err)) from None
+            outputs.append(encode_png(self._enhance(img, f"row {index}", settings)))
+        return outputs
+
+    def _enhance(self, img: np.ndarray, name: str, settings: dict[str, Any]) -> np.ndarray:
+        from gan_core.inference import enhance_image
+
+        try:
+            return enhance_image(self.generator, img, self.scale, self.device, max_pixels=self.max_pixels,
+                                 **settings)
+        except ValueError as err:  # not uint8 HxWx3, over max_pixels, bad tile settings
+            raise _bad_input(f"{name}: {_one_line(err)}") from None
+
+
+def _bad_input(message: str) -> MlflowException:
+    return MlflowException.invalid_parameter_value(message)
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def _b64decode(text: str, index: int) -> bytes:
+    import base64
+    import binascii
+
+    try:
+        return base64.b64decode(text, validate=False)
+    except (binascii.Error, ValueError):
+        raise _bad_input(f"row {index}: not base64-encoded image bytes") from None
 
 
 def _as_uint8(img) -> np.ndarray:
-    """Integer pixels in 0..255 as uint8: JSON (REST serving, MLflow's input-example check) turns uint8 into int64."""
+    """Integer pixels in 0..255 as uint8: JSON (MLflow's input-example check) turns uint8 into int64."""
     array = np.asarray(img)
     if array.dtype.kind in "iu" and array.dtype != np.uint8 and array.size and 0 <= array.min() and array.max() <= 255:
         return array.astype(np.uint8)
@@ -96,21 +182,23 @@ def _as_uint8(img) -> np.ndarray:
 
 
 def model_signature() -> ModelSignature:
-    """The params the model takes per call (see the module docstring for why no input schema)."""
-    return ModelSignature(params=ParamSchema([
+    """An `image` column of bytes in and out, and the per-call params."""
+    images = Schema([ColSpec("binary", IMAGE_COLUMN)])
+    return ModelSignature(inputs=images, outputs=images, params=ParamSchema([
         ParamSpec("tile", "long", DEFAULT_TILE),
         ParamSpec("tile_overlap", "long", DEFAULT_TILE_OVERLAP),
     ]))
 
 
 def log_generator_model(generator_file: str | Path, name: str = "generator", registered_model_name: str | None = None):
-    """Log a generator file (see `gan_core.checkpoint.save_generator` / `export_generator`) as a pyfunc model.
+    """Log a generator file (see `gan_core.checkpoint.save_generator` / `export_generator`) as a pyfunc model,
+    with its safetensors (and, for BasicSR-exact generators, BasicSR `.pth`) exports as artifacts.
 
     Call inside an active MLflow run (or none: MLflow then logs a model without a run).
 
     Args:
-        generator_file: a file that `gan_core.checkpoint.load_generator` reads (generator file or BasicSR .pth).
-        name: the model's name within the run.
+        generator_file: a file that `gan_core.checkpoint.load_generator` reads without `arch` (one of ours).
+        name: the model's name within the run (training names it after the run).
         registered_model_name: also register it as a new version of this registered model.
 
     Returns:
@@ -119,21 +207,44 @@ def log_generator_model(generator_file: str | Path, name: str = "generator", reg
     Raises:
         FileNotFoundError, ValueError: the file is missing or not a generator (checked before logging).
     """
-    from gan_core.checkpoint import load_generator
+    import io
 
-    load_generator(generator_file)  # fail here, with load_generator's clear message, not at serving time
-    example = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=MODEL_CODE,  # models from code: this file's source, no pickle (see the module docstring)
-        artifacts={GENERATOR_ARTIFACT: str(generator_file)},
-        signature=model_signature(),
-        input_example=example,
-        model_config={"tile": DEFAULT_TILE, "tile_overlap": DEFAULT_TILE_OVERLAP},
-        # Explicit so MLflow does not spend minutes inferring them.
-        pip_requirements=PIP_REQUIREMENTS,
-        registered_model_name=registered_model_name,
-    )
+    import pandas as pd
+    from PIL import Image
+
+    from gan_core.checkpoint import load_generator
+    from gan_core.models import generator_config
+    from gan_core.portable import write_portable
+
+    generator = load_generator(generator_file)  # fail here, with load_generator's clear message, not at serving
+    example = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((24, 24, 3)) * 255).astype(np.uint8)).save(example, "PNG")
+    with tempfile.TemporaryDirectory(prefix="portable-") as tmp:
+        files = write_portable(tmp, generator_config(generator), generator.state_dict(), step=_step(generator_file))
+        artifacts = {GENERATOR_ARTIFACT: str(generator_file), SAFETENSORS_ARTIFACT: str(files.safetensors)}
+        if files.pth is not None:
+            artifacts[BASICSR_PTH_ARTIFACT] = str(files.pth)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=MODEL_CODE,  # models from code: this file's source, no pickle (see the module docstring)
+            code_paths=[GAN_CORE_DIR],
+            artifacts=artifacts,
+            signature=model_signature(),
+            input_example=pd.DataFrame({IMAGE_COLUMN: [example.getvalue()]}),
+            model_config={"tile": DEFAULT_TILE, "tile_overlap": DEFAULT_TILE_OVERLAP, "max_pixels": DEFAULT_MAX_PIXELS},
+            # Explicit so MLflow does not spend minutes inferring them.
+            pip_requirements=PIP_REQUIREMENTS,
+            registered_model_name=registered_model_name,
+        )
+
+
+def _step(generator_file: str | Path) -> int:
+    from gan_core.checkpoint import read_checkpoint
+
+    try:
+        return int(read_checkpoint(generator_file).get("step", 0))
+    except Exception:  # noqa: BLE001 - not one of our files: no step recorded
+        return 0
 
 
 # Models from code: MLflow runs the logged copy of this file under its own module name to build the model.

@@ -8,6 +8,7 @@ nothing more, and logs the model.
 
 from __future__ import annotations
 
+import re
 import sys
 import tempfile
 import time
@@ -32,11 +33,17 @@ class FinalModelNotLogged(RuntimeError):
     mlflow_tags: ClassVar[dict[str, str]] = {"failure": "final_model_not_logged", "final_model_pending": "true"}
 
 
-def finish_run(client: MlflowClient, run_id: str, cfg: Config, result, wait_s: float = 60.0) -> dict[str, float]:
-    """Log the final generator (EMA weights) as a pyfunc model, retrying an unreachable server for `wait_s`.
+def finish_run(client: MlflowClient, run_id: str, cfg: Config, result, wait_s: float = 60.0,
+               register: str | None = None) -> dict[str, float]:
+    """Log the final generator (EMA weights) as a pyfunc model named after the run, with its validation
+    metrics linked to it, retrying an unreachable server for `wait_s`; optionally register it.
+
+    Args:
+        register: also register the model as a new version of this registered model, described by
+            `model_card` (data, steps, validation against bicubic, export files).
 
     Returns:
-        The last metrics rank 0 reported, with `model_uri`.
+        The last metrics rank 0 reported, with `model_uri` (and `registered_version` with `register`).
 
     Raises:
         RuntimeError: training ended without a checkpoint.
@@ -56,7 +63,8 @@ def finish_run(client: MlflowClient, run_id: str, cfg: Config, result, wait_s: f
                 # start_run(run_id) refuses a run of another experiment than the active one (set by an earlier caller).
                 mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
                 with mlflow.start_run(run_id=run_id):
-                    info = log_generator_model(generator_file, name="generator")
+                    info = log_generator_model(generator_file, name=model_name(cfg.run.name))
+                link_validation_metrics(client, run_id, info.model_id)
                 client.log_batch(run_id, tags=[RunTag("checkpoint_location", result.checkpoint.path),
                                                RunTag("model_uri", info.model_uri)])
                 break
@@ -72,7 +80,65 @@ def finish_run(client: MlflowClient, run_id: str, cfg: Config, result, wait_s: f
                       f"retrying for up to {wait_s:.0f} s", file=sys.stderr, flush=True)
                 time.sleep(RETRY_PAUSE_S)
     metrics["model_uri"] = info.model_uri
+    if register:
+        from jobs.tracking.registry import register_version
+
+        files = ["generator.pt (gan_core)", "generator.safetensors"] + (
+            ["generator.pth (BasicSR params_ema)"] if "basicsr_pth" in _artifact_names(info) else [])
+        mv = register_version(client, register, info.model_uri, tags={"run_name": cfg.run.name, "source": "training"},
+                              description=model_card(cfg, metrics, files, _artifact_names(info)))
+        metrics["registered_version"] = mv.version
     return metrics
+
+
+def link_validation_metrics(client: MlflowClient, run_id: str, model_id: str) -> None:
+    """Link the run's last validation points to the logged model (its page then shows what it scored).
+
+    The points are logged again with their original step, timestamp and value, plus the model id: the
+    run's history keeps one point per step (the store drops exact duplicates), the model gets the link.
+    """
+    from mlflow.entities import Metric
+
+    keys = [key for key in client.get_run(run_id).data.metrics if key.startswith("val/")]
+    points = []
+    for key in keys:
+        last = max(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp), default=None)
+        if last is not None:
+            points.append(Metric(key, last.value, last.timestamp, last.step, model_id=model_id))
+    if points:
+        client.log_batch(run_id, metrics=points)
+
+
+def model_name(run_name: str | None) -> str:
+    """The logged model's name: the run's name, in the characters MLflow allows in artifact paths."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", run_name or "generator").strip("-.") or "generator"
+
+
+def model_card(cfg: Config, metrics: dict, files: list[str], artifacts: list[str] | None = None) -> str:
+    """The registered version's description: what a teammate needs before using the model."""
+    g = cfg.generator
+    lines = [f"{g.name} x{g.scale} ({g.num_block} blocks, {g.num_feat} features, res_scale {g.res_scale}, "
+             f"upsample_skip {g.upsample_skip}), trained by run {cfg.run.name!r}.",
+             f"Data: train {cfg.data.train}, validation {cfg.data.val}.",
+             f"Steps: {int(metrics.get('step', cfg.train.total_steps))} of {cfg.train.total_steps} "
+             f"({cfg.train.pretrain_steps} pixel-loss pretraining, then GAN with {cfg.loss.adversarial} loss)."]
+    if "val/psnr_y" in metrics and "val/bicubic_psnr_y" in metrics:
+        lines.append(f"Validation (Y channel): PSNR {metrics['val/psnr_y']:.3f} dB vs bicubic "
+                     f"{metrics['val/bicubic_psnr_y']:.3f} dB ({metrics['val/psnr_y'] - metrics['val/bicubic_psnr_y']:+.3f}),"
+                     f" SSIM {metrics.get('val/ssim_y', float('nan')):.4f} vs bicubic "
+                     f"{metrics.get('val/bicubic_ssim_y', float('nan')):.4f}.")
+    from gan_core.portable import ecosystem_problems
+
+    problems = ecosystem_problems(cfg.generator.model_dump())
+    where = ("load in chaiNNer / ComfyUI (spandrel) and BasicSR" if not problems else
+             "load in gan_core only (" + "; ".join(problems) + ")")
+    lines.append(f"Files: {', '.join(files)}; the safetensors files {where}.")
+    return "\n".join(lines)
+
+
+def _artifact_names(info) -> list[str]:
+    flavor = (info.flavors or {}).get("python_function", {})
+    return sorted((flavor.get("artifacts") or {}).keys())
 
 
 def print_summary(cfg: Config, result, metrics: dict, tracking_uri: str) -> None:
@@ -86,6 +152,8 @@ def print_summary(cfg: Config, result, metrics: dict, tracking_uri: str) -> None
         print(f"  SSIM  model {metrics['val/ssim_y']:.4f}      bicubic {metrics['val/bicubic_ssim_y']:.4f}")
     print(f"checkpoint:   {result.checkpoint.path}")
     print(f"MLflow model: {metrics.get('model_uri', '-')}")
+    if "registered_version" in metrics:
+        print(f"registered:   version {metrics['registered_version']} (see its description for the model card)")
     if tracking_uri.startswith("sqlite:"):
         print(f"open MLflow:  mlflow ui --backend-store-uri {tracking_uri}")
     else:

@@ -246,8 +246,8 @@ def test_champion_loads_by_alias_in_a_fresh_process(world, tmp_path):
         "import mlflow, numpy as np, sys\n"
         f"model = mlflow.pyfunc.load_model('models:/{world['model']}@champion')\n"
         f"img = np.load(r'{tmp_path / 'in.npy'}')\n"
-        "out = model.predict(img)\n"
-        "outs = model.predict([img, img[:20, :30]], params={'tile': 16, 'tile_overlap': 8})\n"
+        "out = model.unwrap_python_model().enhance(img)\n"
+        "outs = model.unwrap_python_model().enhance([img, img[:20, :30]], tile=16, tile_overlap=8)\n"
         f"np.save(r'{tmp_path / 'out.npy'}', out)\n"
         "print('shapes', out.shape, out.dtype, [o.shape for o in outs])\n"
     )
@@ -283,11 +283,14 @@ def test_evaluate_job_table_json_and_logging(world, capsys):
 
 
 def test_import_weights_registers_basicsr_file(world, tmp_path, capsys):
+    from jobs.cli import JobError
     from jobs.import_weights import main
 
     path = tmp_path / "ESRGAN_tiny_x4.pth"
     torch.save({"params": upsampler("random").state_dict(), "params_ema": upsampler("tent").state_dict()}, path)
-    result = main(["--basicsr", str(path), "--registered-model", world["model"], "--data", world["val"],
+    with pytest.raises(JobError, match="res_scale or upsample_skip.*--arch|arch.*basicsr"):
+        main(["--basicsr", str(path), "--registered-model", world["model"], "--tracking-uri", world["uri"]])
+    result = main(["--basicsr", str(path), "--arch", "basicsr", "--registered-model", world["model"], "--data", world["val"],
                    "--crop", CROP, "--experiment", world["experiment"] + "-imports", "--tracking-uri", world["uri"]])
     assert result["generator"]["num_block"] == 1 and result["generator"]["scale"] == 4
     assert 27.0 < result["metrics"]["psnr_y"] < 27.8  # params_ema (the tent upsampler) was taken, not params
@@ -299,7 +302,8 @@ def test_import_weights_registers_basicsr_file(world, tmp_path, capsys):
     loaded = load_generator(source.path)
     for name, tensor in upsampler("tent").state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], tensor)
-    assert main(["--basicsr", str(path), "--registered-model", world["model"], "--tracking-uri", world["uri"]])[
+    assert main(["--basicsr", str(path), "--arch", "basicsr", "--registered-model", world["model"],
+                 "--tracking-uri", world["uri"]])[
         "existing"] is True
     assert "already" in capsys.readouterr().out
 

@@ -21,9 +21,9 @@ DEMO = str(REPO / "jobs" / "configs" / "demo.yaml")
 pytestmark = pytest.mark.slow
 
 
-def _run(name, mlflow_server, demo_data, storage, steps, **extra):
+def _run(name, mlflow_server, demo_data, storage, steps, *flags, **extra):
     return train.main(["--config", DEMO, "--num-workers", "2", "--name", name, "--tracking-uri", mlflow_server,
-                       *tiny_overrides(demo_data, storage, steps, **extra)])
+                       *flags, *tiny_overrides(demo_data, storage, steps, **extra)])
 
 
 def _runs_named(client, name):
@@ -32,14 +32,15 @@ def _runs_named(client, name):
 
 
 def test_two_workers_train_and_track_everything(ray_local, mlflow_server, demo_data, tmp_path):
-    metrics = _run("basic", mlflow_server, demo_data, tmp_path, steps=6)
-    assert metrics["step"] == 6
+    metrics = _run("basic", mlflow_server, demo_data, tmp_path, 6, "--register", "basic-sr")
+    assert metrics["step"] == 6 and metrics["registered_version"] == "1"
     client = MlflowClient(mlflow_server)
     (run,) = _runs_named(client, "basic")
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
     assert run.data.params["generator.num_feat"] == "8" and run.data.params["num_workers"] == "2"
-    assert {"git_commit", "ray_job_id", "checkpoint_location", "model_uri"} <= set(run.data.tags)
+    assert {"git_commit", "checkpoint_location", "model_uri"} <= set(run.data.tags)
+    assert "ray_job_id" not in run.data.tags and all(value != "" for value in run.data.tags.values())
     assert [m.step for m in client.get_metric_history(run_id, "g/pix")] == [1, 2, 3, 4, 5, 6]
     assert [m.step for m in client.get_metric_history(run_id, "val/psnr_y")] == [2, 4, 6]
     assert [m.step for m in client.get_metric_history(run_id, "d/real")] == [3, 4, 5, 6]  # GAN phase only
@@ -53,8 +54,20 @@ def test_two_workers_train_and_track_everything(ray_local, mlflow_server, demo_d
     assert (checkpoint / "sampler_rank0.pt").is_file() and (checkpoint / "sampler_rank1.pt").is_file()
     mlflow.set_tracking_uri(mlflow_server)
     model = mlflow.pyfunc.load_model(run.data.tags["model_uri"])
-    out = model.predict(np.zeros((12, 10, 3), np.uint8))
+    out = model.unwrap_python_model().enhance(np.zeros((12, 10, 3), np.uint8))
     assert out.shape == (48, 40, 3) and out.dtype == np.uint8
+    # The registry record: the model is named after the run, carries its validation metrics and the files
+    # other tools load, and the version's description is a model card.
+    logged = mlflow.get_logged_model(run.data.tags["model_uri"].split("/")[-1])
+    assert logged.name == "basic"
+    linked = {m.key: m.value for m in logged.metrics}
+    assert linked["val/psnr_y"] == pytest.approx(run.data.metrics["val/psnr_y"])
+    assert "val/bicubic_psnr_y" in linked
+    version = client.get_model_version("basic-sr", "1")
+    assert "bicubic" in version.description and "gan_core only" in version.description  # res_scale/grow != BasicSR
+    assert version.tags["run_name"] == "basic"
+    flavor_artifacts = set(model.metadata.flavors["python_function"]["artifacts"])
+    assert {"generator", "safetensors"} <= flavor_artifacts
 
 
 def test_rerun_same_name_resumes_step_and_mlflow_run(ray_local, mlflow_server, demo_data, tmp_path):

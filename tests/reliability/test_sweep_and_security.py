@@ -115,7 +115,8 @@ def test_logged_model_holds_no_pickle_and_loads_where_pickles_are_refused(local_
     flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
     assert "python_model" not in flavor and Path(flavor["model_code_path"]).name == "pyfunc.py"
     assert (local / "pyfunc.py").read_text() == Path(pyfunc.__file__).read_text()
-    assert flavor["config"] == {"tile": pyfunc.DEFAULT_TILE, "tile_overlap": pyfunc.DEFAULT_TILE_OVERLAP}
+    assert flavor["config"] == {"tile": pyfunc.DEFAULT_TILE, "tile_overlap": pyfunc.DEFAULT_TILE_OVERLAP,
+                                "max_pixels": pyfunc.DEFAULT_MAX_PIXELS}
     # The jobs' own reader still finds the generator artifact (MLmodel's artifacts.generator.path).
     source = resolve_model("models:/secure-sr/1", tmp_path / "resolved")
     assert source.path.name == "generator.pt" and load_generator(source.path).scale == 4
@@ -127,7 +128,7 @@ def test_logged_model_holds_no_pickle_and_loads_where_pickles_are_refused(local_
         "import mlflow, numpy as np\n"
         "model = mlflow.pyfunc.load_model('models:/secure-sr/1')\n"
         f"img = np.load(r'{tmp_path / 'in.npy'}')\n"
-        f"np.save(r'{tmp_path / 'out.npy'}', model.predict(img, params={{'tile': 16, 'tile_overlap': 4}}))\n"
+        f"np.save(r'{tmp_path / 'out.npy'}', model.unwrap_python_model().enhance(img, tile=16, tile_overlap=4))\n"
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
