@@ -41,7 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
+from gan_core.portable import ARCH_HELP
 from jobs.cli import JobError, init_ray, run_main
+from jobs.progress import Progress
 from jobs.tracking.server import check_tracking_server, resolve_tracking_uri
 from jobs.tracking.model_source import MODEL_HELP
 
@@ -209,10 +211,12 @@ def enhance_folder(generator_file: Path, args: argparse.Namespace) -> dict:
         num_cpus=args.cpus_per_actor, num_gpus=1 if args.use_gpu else 0,
     )
     done, failed = [], []
-    for row in results.iter_rows():
-        (failed if row["error"] else done).append(row)
-        status = f"FAILED {row['error']}" if row["error"] else f"{row['size']} in {row['seconds']:.2f} s"
-        print(f"[{len(done) + len(failed)}/{len(files)}] {row['path']}: {status}", flush=True)
+    with Progress(len(files), desc="enhance", unit="image", stream=sys.stdout) as progress:
+        for row in results.iter_rows():
+            (failed if row["error"] else done).append(row)
+            if row["error"]:  # failures at once; successes as the bar (terminal) or a line per 10% (logs)
+                progress.write(f"FAILED {row['path']}: {row['error']}")
+            progress.update()
     wall = time.perf_counter() - start
     failures = sorted(unreadable + [{"path": r["path"], "error": r["error"]} for r in failed], key=lambda f: f["path"])
     summary = {"written": len(done), "failed": failures, "not_followed": not_followed, "seconds": wall,
@@ -232,6 +236,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", required=True,
                         help=MODEL_HELP)
     parser.add_argument("--input", required=True, help="folder of images (searched recursively)")
+    parser.add_argument("--arch", help="for plain weights (a BasicSR .pth): " + ARCH_HELP)
     parser.add_argument("--output", required=True, help="where enhanced images go, same relative paths and names")
     parser.add_argument("--tile", type=int, default=256, help="LR tile side; 0 runs whole images (default 256)")
     parser.add_argument("--tile-overlap", type=int, default=16, help="LR pixels of context around each tile")
@@ -267,8 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
     """
     import mlflow
 
-    from gan_core.checkpoint import load_generator
-    from jobs.tracking.model_source import is_mlflow_uri, resolve_model, slim_generator_file
+    from gan_core.checkpoint import load_generator, save_generator
+    from jobs.tracking.model_source import is_mlflow_uri, resolve_model
 
     args = parse_args(argv)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
@@ -278,9 +283,11 @@ def main(argv: list[str] | None = None) -> dict:
     list_inputs(Path(args.input), Path(args.output))  # bad folders fail before Ray starts
     with tempfile.TemporaryDirectory(prefix="enhance-") as tmp:
         source = resolve_model(args.model, tmp)
-        generator_file = slim_generator_file(source.path, Path(tmp))  # actors get weights, not optimizer states
         try:
-            load_generator(generator_file)  # a bad file fails here, once, not in every actor
+            # A bad file fails here, once, not in every actor; the actors get a generator file (weights and
+            # the full architecture), not optimizer states, whatever format --model was.
+            generator_file = save_generator(Path(tmp) / "generator.pt",
+                                            load_generator(source.path, arch=args.arch))
         except ValueError as err:
             raise JobError(f"--model {args.model}: {err}") from err
         init_ray()

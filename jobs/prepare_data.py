@@ -14,19 +14,15 @@ Exit status: 0 done, 2 nothing usable or bad arguments (one `error:` line).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from gan_core.data import prepare_demo_folders, write_shards
 from gan_core.data.shards import MIN_IMAGE_SIDE, NoUsableImagesError, ShardReport
 from jobs.cli import JobError, run_main
+from jobs.progress import Progress
 
 DEMO_ROOT = Path("data/demo")
 DEMO_CROP, DEMO_STEP = 192, 96
-
-
-def _progress(done: int, total: int) -> None:
-    print(f"\r  {done}/{total} images", end="\n" if done == total else "", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,14 +53,24 @@ def main(argv: list[str] | None = None) -> None:
         step = args.step or (crop // 2 if crop else None)
         if not src.is_dir():
             raise JobError(f"--src {src} is not a folder")
+    progress: Progress | None = None
+
+    def show(done: int, total: int) -> None:  # write_shards knows the total once it has listed the folder
+        nonlocal progress
+        progress = progress or Progress(total, desc="shards", unit="image")
+        progress.set(done)
+
     try:
         report = write_shards(src, out, crop_size=crop, step=step, thresh_size=args.thresh_size,
-                              min_size=args.min_size, rows_per_shard=args.rows_per_shard, progress=_progress)
+                              min_size=args.min_size, rows_per_shard=args.rows_per_shard, progress=show)
     except NoUsableImagesError as err:
         _print_report(err.report)
         raise JobError(str(err)) from err
     except ValueError as err:  # a size argument out of range
         raise JobError(str(err)) from err
+    finally:
+        if progress is not None:
+            progress.close()
     _print_report(report)
     print(f"shards: {out}")
 
