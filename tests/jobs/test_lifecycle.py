@@ -340,6 +340,14 @@ def test_export_job_on_the_champion(world, tmp_path, capsys):
     assert result["int8"]["size_ratio"] < 0.5 and result["int8"]["psnr_y_change"] > -1.0
     assert (tmp_path / "exported" / "generator.onnx").is_file()
     assert (tmp_path / "exported" / "generator_int8.pt").is_file()
+    # rrdb_tiny grows 8 channels, not BasicSR's 32: the safetensors file is ours only, and says so.
+    portable = result["portable"]
+    assert not portable["loadable_elsewhere"] and portable["pth"] is None
+    assert "num_grow_ch is 8" in portable["problems"][0] and "loads in gan_core only" in printed
+    import spandrel
+
+    with pytest.raises(spandrel.UnsupportedModelError):
+        spandrel.ModelLoader().load_from_file(portable["safetensors"])
 
 
 def test_user_errors_exit_2_with_one_line(world, tmp_path, capsys):
