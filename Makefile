@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PINS)
 	$(BIN)/pip install -q -e ".[test]" $(TORCH_PINS)
+	# BasicSR 1.4.2's source, run standalone by the golden tests (tests/gan_core/test_realesrgan_golden.py)
+	$(BIN)/pip download -q basicsr==1.4.2 --no-deps --no-build-isolation --no-binary :all: -d $(VENV)/reference
 	touch $@
 
 demo: install

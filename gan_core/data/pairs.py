@@ -144,6 +144,7 @@ class PatchSampler:
         degradation: dict | None = None,
         names: list[str] | None = None,
         groups: list[str] | None = None,
+        gt_only: bool = False,
     ):
         """Args:
             images: HR images, each a uint8 (H, W, 3) array, a uint8 (3, H, W)
@@ -155,6 +156,8 @@ class PatchSampler:
             names: names of the images (default "image-<index>"), for `skipped`.
             groups: one label per image (same order as images) to sample the labels
                 uniformly instead of the images; None samples the images uniformly.
+            gt_only: yield (None, gt) batches: the LR is made later, on the training device
+                (blind degradation, gan_core.data.realesrgan); `degradation` must be None.
 
         Raises:
             ValueError: bad sizes, unknown degradation keys, or no image is large enough.
@@ -162,11 +165,13 @@ class PatchSampler:
         _check_patch_args(patch_size, scale, degradation)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if gt_only and degradation is not None:
+            raise ValueError("gt_only makes no LR: degradation must be None")
         if groups is not None and len(groups) != len(images):
             raise ValueError(f"groups has {len(groups)} labels for {len(images)} images")
         self.patch_size, self.scale, self.batch_size = patch_size, scale, batch_size
         self.hflip, self.rot90, self.color_jitter, self.degradation = hflip, rot90, color_jitter, degradation
-        self.seed, self.rank = seed, rank
+        self.seed, self.rank, self.gt_only = seed, rank, gt_only
         self.images: list[torch.Tensor] = []
         self.names: list[str] = []
         self.skipped: list[str] = []
@@ -197,8 +202,8 @@ class PatchSampler:
     def __iter__(self) -> "PatchSampler":
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next batch: (lq (B, 3, p/s, p/s), gt (B, 3, p, p)), float32 in [0, 1]."""
+    def __next__(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The next batch: (lq (B, 3, p/s, p/s), gt (B, 3, p, p)), float32 in [0, 1]; lq is None with gt_only."""
         patches = []
         for _ in range(self.batch_size):
             hr = self.images[self._order[self.position]]
@@ -206,6 +211,8 @@ class PatchSampler:
                                            rot90=self.rot90, color_jitter=self.color_jitter, generator=self.generator))
             self._advance()
         gt = torch.stack(patches)  # (B, 3, p, p)
+        if self.gt_only:
+            return None, gt
         return make_lq(gt, self.scale, self.degradation, self.generator), gt
 
     def state_dict(self) -> dict:
