@@ -65,11 +65,43 @@ def lr_factor(step: int, total_steps: int, cfg: ScheduleSection) -> float:
     return LR_SCHEDULES[cfg.lr_schedule](step, total_steps, cfg)
 
 
+def phased_lr_factor(step: int, total_steps: int, cfg: ScheduleSection, gan_start: int = 0,
+                     gan_lr_scale: float = 1.0) -> float:
+    """The LR multiplier at global `step` of a run whose GAN phase starts at `gan_start`.
+
+    With `cfg.per_phase` (and a GAN phase after some pretraining) the steps before `gan_start` follow the
+    schedule over `gan_start` steps and the steps from `gan_start` on follow it afresh over the remaining
+    `total_steps - gan_start` (warmup included); otherwise one schedule spans the run. From `gan_start`
+    on the factor is multiplied by `gan_lr_scale`.
+    """
+    if step < gan_start:
+        length = gan_start if cfg.per_phase else total_steps
+        return lr_factor(step, length, cfg)
+    if cfg.per_phase and 0 < gan_start < total_steps:
+        return gan_lr_scale * lr_factor(step - gan_start, total_steps - gan_start, cfg)
+    return gan_lr_scale * lr_factor(step, total_steps, cfg)
+
+
 def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: ScheduleSection, total_steps: int
+    optimizer: torch.optim.Optimizer,
+    cfg: ScheduleSection,
+    total_steps: int,
+    *,
+    gan_start: int = 0,
+    gan_lr_scale: float = 1.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR that follows `lr_factor`; call `.step()` once per G step."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+    """A LambdaLR that follows `phased_lr_factor`; call `.step()` once per G step.
+
+    Args:
+        optimizer: G's or D's optimizer.
+        cfg: the schedule section.
+        total_steps: G steps in the run.
+        gan_start: the first step of the GAN phase (`train.pretrain_steps`); with `cfg.per_phase` the
+            schedule restarts there.
+        gan_lr_scale: multiplies the LR from `gan_start` on (G: `cfg.gan_g_lr_scale`; D: 1).
+    """
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: phased_lr_factor(step, total_steps, cfg, gan_start, gan_lr_scale))
 
 
 def set_base_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:

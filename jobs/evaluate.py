@@ -131,7 +131,12 @@ def main(argv: list[str] | None = None) -> dict:
     from mlflow.tracking import MlflowClient
 
     from gan_core.checkpoint import load_generator
-    from gan_core.scoring import evaluate_generator, load_eval_images, load_lpips, pick_device
+    from gan_core.scoring import (
+        evaluate_generator,
+        load_eval_images,
+        load_lpips,
+        pick_device,
+    )
     from jobs.tracking.model_source import is_mlflow_uri, resolve_model
     from jobs.tracking.server import connect
 

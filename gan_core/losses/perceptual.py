@@ -17,19 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gan_core.config import VGG19_LAYER_NAMES
 from gan_core.weights import find_weights
 
 LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
 VGG19_FILE = "vgg19-dcbbabf1.pth"
 
-# Layer names of torchvision's vgg19().features, in order (BasicSR's NAMES["vgg19"]).
-VGG19_LAYER_NAMES = (
-    "conv1_1", "relu1_1", "conv1_2", "relu1_2", "pool1",
-    "conv2_1", "relu2_1", "conv2_2", "relu2_2", "pool2",
-    "conv3_1", "relu3_1", "conv3_2", "relu3_2", "conv3_3", "relu3_3", "conv3_4", "relu3_4", "pool3",
-    "conv4_1", "relu4_1", "conv4_2", "relu4_2", "conv4_3", "relu4_3", "conv4_4", "relu4_4", "pool4",
-    "conv5_1", "relu5_1", "conv5_2", "relu5_2", "conv5_3", "relu5_3", "conv5_4", "relu5_4", "pool5",
-)  # fmt: skip
+# VGG19_LAYER_NAMES (torchvision's vgg19().features, in order) lives in gan_core.config so that
+# validating a config imports no torch; re-exported here.
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -202,15 +197,17 @@ def load_vgg19_features(features: nn.Sequential, state_dict: dict[str, torch.Ten
 
 
 class VGGFeatureLoss(nn.Module):
-    """VGG19 feature-matching loss, as BasicSR's PerceptualLoss for ESRGAN.
+    """VGG19 feature-matching loss over one or several layers, as BasicSR's PerceptualLoss.
 
-    Equivalent to BasicSR's `PerceptualLoss(layer_weights={layer: 1},
-    vgg_type="vgg19", use_input_norm=True, range_norm=False)`: ImageNet mean/std
-    input normalisation, features taken before the ReLU (at `convX_Y`), the
-    target's features computed from a detached target.
+    Equivalent to BasicSR's `PerceptualLoss(layer_weights=layers, vgg_type="vgg19", use_input_norm=True,
+    range_norm=False, criterion=criterion)`: ImageNet mean/std input normalisation, features taken before
+    the ReLU at `convX_Y`, the target's features computed from a detached target, and the loss
+    sum_k layers[k] * criterion(features_k(pred), features_k(target)). ESRGAN uses {"conv5_4": 1};
+    Real-ESRGAN {"conv1_2": 0.1, "conv2_2": 0.1, "conv3_4": 1, "conv4_4": 1, "conv5_4": 1}.
 
     Args:
-        layer: VGG19 layer name whose output is compared, e.g. "conv5_4".
+        layer: the single layer compared (weight 1) when `layers` is not given, e.g. "conv5_4".
+        layers: VGG19 layer name -> weight; overrides `layer`.
         weights_path: File or directory with `vgg19-dcbbabf1.pth` (torchvision's
             VGG19); else $GAN_CORE_WEIGHTS_DIR, then the torch hub cache.
         criterion: "l1" (mean), "l2" (mean squared) or "fro" (Frobenius norm
@@ -218,7 +215,7 @@ class VGGFeatureLoss(nn.Module):
         random_backbone: Skip the weights (tests only).
 
     Raises:
-        ValueError: Unknown layer or criterion.
+        ValueError: Unknown layer (the valid names are listed), negative weight, or unknown criterion.
         MissingWeightsError: Weights file not found (and not random_backbone).
     """
 
@@ -226,23 +223,31 @@ class VGGFeatureLoss(nn.Module):
         self,
         *,
         layer: str = "conv5_4",
+        layers: dict[str, float] | None = None,
         weights_path: str | os.PathLike | None = None,
         criterion: str = "l1",
         random_backbone: bool = False,
     ):
         super().__init__()
-        if layer not in VGG19_LAYER_NAMES:
-            raise ValueError(f"Unknown VGG19 layer {layer!r}; valid: {list(VGG19_LAYER_NAMES)}")
+        layers = dict(layers) if layers is not None else {layer: 1.0}
+        unknown = sorted(set(layers) - set(VGG19_LAYER_NAMES))
+        if unknown or not layers:
+            raise ValueError(f"Unknown VGG19 layer(s) {unknown}; valid: {list(VGG19_LAYER_NAMES)}")
+        if any(weight < 0 for weight in layers.values()):
+            raise ValueError(f"VGG19 layer weights must be >= 0, got {layers}")
         if criterion not in FEATURE_CRITERIA:
             raise ValueError(f"Unknown criterion {criterion!r}; valid: {sorted(FEATURE_CRITERIA)}")
         path = None if random_backbone else find_weights(VGG19_FILE, weights_path)
-        # Only the layers up to `layer` are built and run; BasicSR truncates the same way.
-        self.features = vgg19_features(num_layers=VGG19_LAYER_NAMES.index(layer) + 1)
+        # Only the layers up to the deepest one asked for are built and run; BasicSR truncates the same way.
+        deepest = max(VGG19_LAYER_NAMES.index(name) for name in layers)
+        self.features = vgg19_features(num_layers=deepest + 1)
         if path is not None:
             load_vgg19_features(self.features, _load_state_dict(path), source=str(path))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-        self.layer = layer
+        # In network order, so one pass collects them all.
+        self.layers = {name: float(layers[name]) for name in VGG19_LAYER_NAMES if name in layers}
+        self.layer = next(reversed(self.layers))  # the deepest
         self.criterion = criterion
         self.weights_file = path
         _freeze(self)
@@ -250,21 +255,38 @@ class VGGFeatureLoss(nn.Module):
     def train(self, mode: bool = True) -> VGGFeatureLoss:
         return super().train(False)  # a frozen feature extractor: never train mode
 
+    def extract_all(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """VGG19 features at every layer of `self.layers`, of images in [0, 1], (N, 3, H, W)."""
+        x = (images - self.mean) / self.std
+        wanted = {VGG19_LAYER_NAMES.index(name): name for name in self.layers}
+        features = {}
+        for index, module in enumerate(self.features):
+            x = module(x)
+            if index in wanted:
+                # The next layer is an in-place ReLU: keep the pre-activation (BasicSR clones too).
+                features[wanted[index]] = x.clone() if index + 1 < len(self.features) else x
+        return features
+
     def extract(self, images: torch.Tensor) -> torch.Tensor:
-        """VGG19 features at `self.layer` of images in [0, 1], (N, 3, H, W)."""
-        return self.features((images - self.mean) / self.std)
+        """VGG19 features at `self.layer` (the deepest layer compared) of images in [0, 1], (N, 3, H, W)."""
+        return self.extract_all(images)[self.layer]
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Feature distance between `pred` and `target`.
+        """Weighted feature distance between `pred` and `target`.
 
         Args:
             pred: Generated images in [0, 1], (N, 3, H, W).
             target: Ground truth in [0, 1], same shape (detached inside).
 
         Returns:
-            Scalar loss (layer weight 1, perceptual weight is the caller's).
+            Scalar loss: sum over layers of weight * criterion (the perceptual weight is the caller's).
         """
-        return FEATURE_CRITERIA[self.criterion](self.extract(pred), self.extract(target.detach()))
+        criterion = FEATURE_CRITERIA[self.criterion]
+        pred_features = self.extract_all(pred)
+        with torch.no_grad():
+            target_features = self.extract_all(target.detach())
+        return sum(weight * criterion(pred_features[name], target_features[name])
+                   for name, weight in self.layers.items())
 
 
 # Feature criteria in float32: under bf16 autocast the features are bf16.

@@ -378,3 +378,75 @@ def test_vgg_feature_loss_errors(no_weights):
         VGGFeatureLoss(layer="conv6_1", random_backbone=True)
     with pytest.raises(ValueError, match="l1"):
         VGGFeatureLoss(criterion="huber", random_backbone=True)
+
+
+REAL_ESRGAN_LAYERS = {"conv1_2": 0.1, "conv2_2": 0.1, "conv3_4": 1.0, "conv4_4": 1.0, "conv5_4": 1.0}
+
+
+def test_vgg_feature_loss_layers_match_a_torchvision_reference(no_weights):
+    """Real-ESRGAN's weighted layers, checked against features taken by hand from torchvision's vgg19 with the
+    same (random) weights: ImageNet normalisation, outputs before each ReLU, mean L1 per layer, weighted sum."""
+    torch.manual_seed(0)
+    loss = VGGFeatureLoss(layers=REAL_ESRGAN_LAYERS, random_backbone=True)
+    assert len(loss.features) == 35 and loss.layer == "conv5_4"
+    reference = torchvision.models.vgg19().features.eval()
+    reference.load_state_dict(loss.features.state_dict())
+    indices = {"conv1_2": 2, "conv2_2": 7, "conv3_4": 16, "conv4_4": 25, "conv5_4": 34}
+
+    def features(images):
+        x = (images - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
+            [0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        taken = {}
+        for index, module in enumerate(reference):
+            x = module(x)
+            if index in indices.values():
+                taken[index] = x.clone()  # torchvision's ReLUs are in-place
+        return {name: taken[index] for name, index in indices.items()}
+
+    pred, target = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        ours_pred, ref_pred, ref_target = loss.extract_all(pred), features(pred), features(target)
+        want = sum(weight * (ref_pred[name] - ref_target[name]).abs().mean()
+                   for name, weight in REAL_ESRGAN_LAYERS.items())
+    for name in REAL_ESRGAN_LAYERS:
+        assert torch.allclose(ours_pred[name], ref_pred[name], atol=1e-5), name
+        assert (ours_pred[name] < 0).any(), f"{name} is taken before its ReLU"
+    assert loss(pred, target).item() == pytest.approx(want.item(), rel=1e-5)
+    # a single layer keeps today's meaning (conv5_4, weight 1)
+    single = VGGFeatureLoss(random_backbone=True)
+    single.features.load_state_dict(loss.features.state_dict())
+    want_single = (ref_pred["conv5_4"] - ref_target["conv5_4"]).abs().mean()
+    assert single(pred, target).item() == pytest.approx(want_single.item(), rel=1e-5)
+
+
+def test_vgg_feature_loss_layers_errors(no_weights):
+    with pytest.raises(ValueError, match=r"\['conv6_1'\].*conv5_4"):
+        VGGFeatureLoss(layers={"conv1_2": 0.1, "conv6_1": 1.0}, random_backbone=True)
+    with pytest.raises(ValueError, match=">= 0"):
+        VGGFeatureLoss(layers={"conv1_2": -1.0}, random_backbone=True)
+
+
+def test_perceptual_layers_in_the_config():
+    from gan_core.config import ConfigError, config_from_dict
+
+    cfg = config_from_dict({"loss": {"perceptual": "vgg", "perceptual_layers": REAL_ESRGAN_LAYERS}})
+    assert cfg.loss.perceptual_layers == REAL_ESRGAN_LAYERS
+    assert config_from_dict({"loss": {"perceptual": "vgg"}}).loss.perceptual_layers is None  # conv5_4 alone
+    with pytest.raises(ConfigError, match=r"unknown VGG19 layer\(s\) \['conv5_5'\]; valid: conv1_1"):
+        config_from_dict({"loss": {"perceptual": "vgg", "perceptual_layers": {"conv5_5": 1.0}}})
+    with pytest.raises(ConfigError, match="needs perceptual: vgg"):
+        config_from_dict({"loss": {"perceptual": "lpips", "perceptual_layers": {"conv5_4": 1.0}}})
+    with pytest.raises(ConfigError, match="at least one layer"):
+        config_from_dict({"loss": {"perceptual": "vgg", "perceptual_layers": {}}})
+
+
+def test_build_perceptual_uses_the_configured_layers(no_weights):
+    from gan_core.build import build_perceptual
+    from gan_core.config import config_from_dict
+
+    state = {f"features.{k}": v for k, v in vgg19_features(num_layers=8).state_dict().items()}
+    torch.save(state, no_weights / "vgg19-dcbbabf1.pth")
+    cfg = config_from_dict({"loss": {"perceptual": "vgg", "perceptual_weights_path": str(no_weights),
+                                     "perceptual_layers": {"conv1_2": 0.1, "conv2_2": 0.1}}})
+    module = build_perceptual(cfg, torch.device("cpu"))
+    assert module.layers == {"conv1_2": 0.1, "conv2_2": 0.1} and len(module.features) == 8

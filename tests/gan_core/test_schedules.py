@@ -54,3 +54,45 @@ def test_set_base_lr_keeps_position():
     optimizer.step()
     scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(2.0)
+
+
+def test_per_phase_restarts_the_schedule_at_the_gan_phase():
+    from gan_core.schedules import phased_lr_factor
+
+    cfg = ScheduleSection(lr_schedule="cosine", warmup_steps=10, min_lr_ratio=0.05, per_phase=True)
+    pretrain = [phased_lr_factor(s, 150, cfg, gan_start=100) for s in range(100)]
+    gan = [phased_lr_factor(s, 150, cfg, gan_start=100) for s in range(100, 150)]
+    assert pretrain[9] == pytest.approx(1.0) and pretrain[-1] == pytest.approx(0.05, abs=1e-3)
+    assert gan[0] == pytest.approx(0.1) and gan[9] == pytest.approx(1.0)  # its own warmup, to the full base LR
+    assert gan[-1] == pytest.approx(lr_factor(49, 50, cfg))
+    # one schedule over the run: by the GAN phase the cosine sits near its floor (what left D untrained)
+    whole = ScheduleSection(lr_schedule="cosine", warmup_steps=10, min_lr_ratio=0.05)
+    assert max(phased_lr_factor(s, 150, whole, gan_start=100) for s in range(100, 150)) < 0.35
+    assert [phased_lr_factor(s, 150, whole, 100) for s in range(150)] == [lr_factor(s, 150, whole) for s in range(150)]
+
+
+def test_per_phase_milestones_count_from_the_phase_start_and_gan_scale():
+    from gan_core.schedules import phased_lr_factor
+
+    cfg = ScheduleSection(lr_schedule="multistep", milestones=[20], gamma=0.5, per_phase=True)
+    assert [phased_lr_factor(s, 100, cfg, gan_start=50, gan_lr_scale=0.1) for s in (19, 20, 49, 50, 69, 70)] == \
+        pytest.approx([1.0, 0.5, 0.5, 0.1, 0.1, 0.05])
+    # a pixel-only run (the GAN phase "starts" at the end) follows one schedule over the run
+    assert phased_lr_factor(30, 100, cfg, gan_start=100) == pytest.approx(0.5)
+
+
+def test_built_schedulers_follow_the_phases():
+    from gan_core.build import build_state
+    from tests.gan_core.conftest import tiny_config
+
+    cfg = tiny_config(train={"total_steps": 10, "pretrain_steps": 6},
+                      schedule={"lr_schedule": "cosine", "warmup_steps": 2, "per_phase": True, "gan_g_lr_scale": 0.5})
+    state = build_state(cfg, torch.device("cpu"))
+    g_lrs, d_lrs = [], []
+    for _ in range(10):
+        g_lrs.append(state.g_optimizer.param_groups[0]["lr"])
+        d_lrs.append(state.d_optimizer.param_groups[0]["lr"])
+        state.g_optimizer.step(), state.d_optimizer.step()
+        state.g_scheduler.step(), state.d_scheduler.step()
+    assert g_lrs[1] == pytest.approx(1e-3) and g_lrs[7] == pytest.approx(0.5e-3)  # G: 0.5 x g_lr after its warmup
+    assert d_lrs[6] == pytest.approx(0.5e-3) and d_lrs[7] == pytest.approx(1e-3)  # D: the full d_lr in the GAN phase
