@@ -4,10 +4,43 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 
 class JobError(RuntimeError):
     """A problem the user must fix (bad path, unreachable server); printed without a traceback."""
+
+
+def ray_job_copy() -> Path | None:
+    """The folder this process runs in when it is the entrypoint of `ray job submit --working-dir`, else None.
+
+    Ray 2.60 unpacks the uploaded working dir into `<session>/runtime_resources/working_dir_files/_ray_pkg_<hash>`
+    and starts the entrypoint there. That copy is temporary, and it lacks whatever .gitignore ignores (data/).
+    """
+    cwd = Path.cwd()
+    return cwd if "working_dir_files" in cwd.parts or cwd.name.startswith("_ray_pkg_") else None
+
+
+def job_home() -> Path:
+    """Where a submitted job keeps what would otherwise land in Ray's temporary copy of the working dir
+    (relative run.storage_path, the default SQLite MLflow store): $GAN_ENHANCE_HOME, else ~/gan-enhance on
+    the node that runs the job driver (the head, for `ray job submit`)."""
+    return Path(os.environ.get("GAN_ENHANCE_HOME") or "~/gan-enhance").expanduser()
+
+
+def resolve_local_path(value: str, what: str) -> Path:
+    """A relative output path made absolute: against the working directory, or, inside a submitted job's
+    temporary copy of it, against job_home() (said once on stdout, so the user knows where to look)."""
+    path = Path(value)
+    if path.is_absolute():
+        return path
+    if ray_job_copy() is None:
+        return path.resolve()
+    resolved = job_home() / path
+    resolved.parent.mkdir(parents=True, exist_ok=True)
+    print(f"{what}={value} is relative and this is a `ray job submit` job, whose working dir is a temporary copy: "
+          f"using {resolved} (set GAN_ENHANCE_HOME, or pass an absolute path or s3://...)", flush=True)
+    return resolved
 
 
 def configure_environment() -> None:

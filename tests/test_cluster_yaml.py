@@ -24,6 +24,9 @@ def test_cluster_yaml_has_gpu_workers_mlflow_and_private_binding():
     assert workers["min_workers"] <= workers["max_workers"] <= config["max_workers"]
     head_setup = " ".join(config["head_setup_commands"])
     assert "mlflow server" in head_setup and "--backend-store-uri" in head_setup and "0.0.0.0" not in head_setup
+    # A team's MLflow: PostgreSQL (concurrent writers), artifacts on S3; SQLite stays the laptop default only.
+    assert "--backend-store-uri postgresql://" in head_setup and "--artifacts-destination s3://" in head_setup
+    assert "psycopg2-binary" in head_setup and "install -y -q postgresql" in head_setup
     assert config["provider"]["use_internal_ips"] is True
 
 

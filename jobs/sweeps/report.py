@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from gan_core.config import config_to_yaml
 from jobs.sweeps.space import SpaceFile, trial_config
 from jobs.sweeps.trial import TRIAL_ID_TAG
+from jobs.tracking.model_source import checkpoint_uri
 from jobs.tracking.server import redact_uri, without_password
 
 MLFLOW_STATUS = {"finished": "FINISHED", "stopped early": "KILLED", "error": "FAILED", "interrupted": "KILLED"}
@@ -64,7 +65,7 @@ def collect_trials(results, space: SpaceFile, base: dict[str, Any], client: Mlfl
             "metric_last": values[-1] if values else None,
             "metric_best": max(values, key=lambda v: sign * v) if values else None,
             "params": params, "run_id": run.info.run_id if run else None,
-            "checkpoint": checkpoint.path if checkpoint else None,
+            "checkpoint": checkpoint_uri(checkpoint) if checkpoint else None,
             "exploits": sorted((json.loads(value) for key, value in tags.items() if key.startswith("tune.exploit.")),
                                key=lambda record: record["step"]),
             "error": error_cause(result.error) if result.error else None,

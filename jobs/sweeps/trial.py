@@ -192,9 +192,9 @@ def run_trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
     log_params_once(client, run_id, params_to_log)  # after an exploit, changed values become resume.override.* tags
 
     # 3. A fresh Train run per start, so Train never restores a stale run of this trial by name.
-    train_storage = Path(settings["train_storage"])
+    train_storage = settings["train_storage"]  # a str: Path() would fold s3://bucket into s3:/bucket
     _remove_previous_train_runs(train_storage, trial_id)
-    cfg = cfg.with_values({"run.storage_path": str(train_storage), "run.name": f"{trial_id}-{uuid.uuid4().hex[:6]}"})
+    cfg = cfg.with_values({"run.storage_path": train_storage, "run.name": f"{trial_id}-{uuid.uuid4().hex[:6]}"})
     exploited = bool(origin) and origin.get("trial_id") != trial_id
     # After an exploit the trial trains the steps since the donor's checkpoint again, with other values: its
     # MLflow history gets the new points; a trial resuming its own checkpoint skips the steps it already logged.
@@ -210,7 +210,9 @@ def run_trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
     forward_reports(trainer, inbox, acks, {"trial_id": trial_id, "params": params})
     final = ray.tune.get_checkpoint()
     if final is not None:
-        client.set_tag(run_id, "checkpoint_location", final.path)
+        from jobs.tracking.model_source import checkpoint_uri
+
+        client.set_tag(run_id, "checkpoint_location", checkpoint_uri(final))
     client.set_terminated(run_id, status="FINISHED")
 
 
@@ -281,9 +283,11 @@ def log_exploit(client: MlflowClient, settings: dict[str, Any], trial_id: str, r
     return record
 
 
-def _remove_previous_train_runs(storage: Path, trial_id: str) -> None:
+def _remove_previous_train_runs(storage: str, trial_id: str) -> None:
     # Earlier starts of this trial are superseded by the Tune checkpoints (Tune holds its own copies).
-    if "://" in str(storage) or not storage.is_dir():
+    # On S3 they stay (a few small folders per exploit); only a local folder is cleaned.
+    if "://" in storage or not Path(storage).is_dir():
         return
+    storage = Path(storage)
     for old in storage.glob(f"{trial_id}-*"):
         shutil.rmtree(old, ignore_errors=True)

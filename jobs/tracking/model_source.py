@@ -4,6 +4,9 @@ Accepted forms:
     path/to/checkpoint_dir            a complete checkpoint folder (checkpoint.pt; its manifest checks out)
     path/to/run_dir                   a Ray Train run folder: its newest complete checkpoint_* folder
     path/to/checkpoint.pt | x.pth     our checkpoint, a slim export, or BasicSR / Real-ESRGAN weights
+    s3://bucket/prefix/...            any of the three above on S3 (or another pyarrow file system URI:
+                                      gs://, hdfs://): downloaded; endpoint and keys from the standard
+                                      AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)
     runs:/<run_id>                    the run's logged model (tag `model_uri`), else its checkpoint
                                       (tag `checkpoint_location`)
     runs:/<run_id>/generator          a model logged in that run under that name
@@ -12,7 +15,9 @@ Accepted forms:
     models:/m-<id>                    a logged model (what training writes in the `model_uri` tag)
 
 A run's checkpoint is picked by `gan_core.manifest.latest_complete_checkpoint`: a newer checkpoint that
-a full disk or a killed worker left half-copied is skipped, with a line on stderr naming it.
+a full disk or a killed worker left half-copied is skipped, with a line on stderr naming it. On S3 the same
+rules hold (`remote_checkpoint_file`): checkpoint folders are downloaded newest first, one at a time, and
+checked against their manifests until one is complete.
 """
 
 from __future__ import annotations
@@ -28,7 +33,10 @@ from gan_core.manifest import checkpoint_problem, is_checkpoint_folder, latest_c
 from jobs.cli import JobError
 
 MLFLOW_SCHEMES = ("runs:/", "models:/")
-MODEL_HELP = "checkpoint dir | .pt/.pth | runs:/<id>[/<name>] | models:/<name>@<alias> | models:/<name>/<N>"
+# What pyarrow.fs.FileSystem.from_uri reads (Ray Train writes run.storage_path=s3://... through it too).
+REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "viewfs://", "abfs://", "abfss://")
+MODEL_HELP = ("checkpoint dir | .pt/.pth | s3://... (a checkpoint or run folder) | runs:/<id>[/<name>] | "
+              "models:/<name>@<alias> | models:/<name>/<N>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +61,22 @@ def is_mlflow_uri(spec: str) -> bool:
     return spec.startswith(MLFLOW_SCHEMES)
 
 
+def checkpoint_uri(checkpoint) -> str:
+    """Where a Ray Checkpoint lives, as a path or URI that `--model` and `train.init_from` take.
+
+    Ray's `Checkpoint.path` is relative to its file system: on S3 it reads `bucket/prefix/...`, without the
+    scheme that says it is not a local folder.
+    """
+    kind = getattr(getattr(checkpoint, "filesystem", None), "type_name", "local")
+    scheme = {"s3": "s3://", "gcs": "gs://", "hdfs": "hdfs://", "abfs": "abfs://"}.get(kind, "")
+    return f"{scheme}{checkpoint.path}"
+
+
+def is_remote_uri(spec: str) -> bool:
+    """True for file-system URIs that pyarrow reads (s3://, gs://, hdfs://, ...)."""
+    return spec.startswith(REMOTE_SCHEMES)
+
+
 def resolve_model(spec: str, download_dir: str | Path) -> ModelSource:
     """Turn a `--model` value into a local generator file, downloading from MLflow when needed.
 
@@ -71,8 +95,10 @@ def resolve_model(spec: str, download_dir: str | Path) -> ModelSource:
     if spec.startswith("models:/"):
         path = _download_pyfunc_generator(spec, Path(download_dir))
         return ModelSource(spec=spec, path=path, run_id=_model_run_id(spec), model_uri=spec)
+    if is_remote_uri(spec):
+        return ModelSource(spec=spec, path=remote_checkpoint_file(spec, Path(download_dir)))
     if "://" in spec or spec.startswith(("runs:", "models:")):
-        raise JobError(f"--model {spec!r}: unknown URI; use a path, runs:/<run_id>[/<name>], "
+        raise JobError(f"--model {spec!r}: unknown URI; use a path, s3://..., runs:/<run_id>[/<name>], "
                        "models:/<name>@<alias> or models:/<name>/<version>")
     return ModelSource(spec=spec, path=local_checkpoint_file(Path(spec)))
 
@@ -133,6 +159,9 @@ def run_generator(run, download_dir: Path, spec: str | None = None) -> ModelSour
         uri = tags["model_uri"]
         return ModelSource(spec=spec, path=_download_pyfunc_generator(uri, download_dir / run_id), run_id=run_id,
                            model_uri=uri)
+    if tags.get("checkpoint_location") and is_remote_uri(tags["checkpoint_location"]):
+        return ModelSource(spec=spec, path=remote_checkpoint_file(tags["checkpoint_location"], download_dir / run_id),
+                           run_id=run_id)
     if tags.get("checkpoint_location"):
         location = Path(tags["checkpoint_location"])
         try:
@@ -149,6 +178,97 @@ def run_generator(run, download_dir: Path, spec: str | None = None) -> ModelSour
             _say(f"run {run_id}: checkpoint_location {location} is incomplete; using {folder}")
             return ModelSource(spec=spec, path=folder / CHECKPOINT_FILE, run_id=run_id)
     raise JobError(f"run {run_id} has neither a `model_uri` nor a `checkpoint_location` tag: it logged no generator")
+
+
+def remote_checkpoint_file(uri: str, download_dir: Path) -> Path:
+    """Download what a remote `--model` names and return its generator file, as `local_checkpoint_file` would.
+
+    A file is downloaded as it is; a checkpoint folder whole, then checked against its manifests; a run folder
+    (any folder above checkpoint_* folders) one checkpoint folder at a time, in `latest_complete_checkpoint`'s
+    order (those Ray's checkpoint manager snapshot lists first, then by name, newest first), until one is
+    complete; newer incomplete ones are named on stderr. The mirror keeps the remote layout under download_dir.
+
+    Raises:
+        JobError: nothing at the URI, no credentials or endpoint, no complete checkpoint.
+    """
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    from gan_core import manifest
+
+    shown = _without_query(uri)
+    try:
+        filesystem, root = pafs.FileSystem.from_uri(uri)
+        info = filesystem.get_file_info(root)
+        if info.type == pafs.FileType.File:
+            return _download(filesystem, [info], root.rsplit("/", 1)[0], download_dir)[0]
+        if info.type == pafs.FileType.NotFound:
+            raise JobError(f"--model {shown}: nothing there (expected a checkpoint or run folder, or a .pt/.pth)")
+        files = [item for item in filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+                 if item.type == pafs.FileType.File]
+    except (OSError, pa.ArrowException) as err:  # pyarrow's errors name the bucket and key, never the keys
+        raise JobError(f"--model {shown}: cannot read it ({err}); the endpoint and keys come from "
+                       "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") from err
+    by_folder: dict[str, list] = {}
+    for item in files:
+        by_folder.setdefault(item.path.rsplit("/", 1)[0], []).append(item)
+
+    def holds_checkpoint(folder: str) -> bool:
+        names = [item.base_name for item in by_folder.get(folder, [])]
+        return any(name == CHECKPOINT_FILE or (name.startswith("manifest") and name.endswith(".json"))
+                   or (name.startswith("sampler_rank") and name.endswith(".pt")) for name in names)
+
+    root = root.rstrip("/")
+    if holds_checkpoint(root):  # a checkpoint folder itself
+        local = download_dir / root.rsplit("/", 1)[-1]
+        _download(filesystem, by_folder[root], root, local)
+        return local_checkpoint_file(local)
+    folders = [folder for folder in by_folder
+               if folder.rsplit("/", 1)[-1].startswith("checkpoint_") and holds_checkpoint(folder)]
+    if not folders:
+        raise JobError(f"--model {shown}: no checkpoint_* folder below it holds a {CHECKPOINT_FILE}")
+    # Ray's snapshots first (small), to order the candidates as latest_complete_checkpoint does.
+    snapshots = [item for item in files if item.base_name == manifest.RAY_SNAPSHOT_FILE]
+    _download(filesystem, snapshots, root, download_dir)
+    listed: dict[str, set[str]] = {}
+    for parent in {folder.rsplit("/", 1)[0] for folder in folders}:
+        local_parent = download_dir / parent[len(root):].lstrip("/")
+        listed[parent] = manifest._ray_snapshot_names(local_parent, _say) or set()  # noqa: SLF001
+
+    def order(folder: str) -> tuple:
+        parent, name = folder.rsplit("/", 1)
+        return (name in listed[parent], manifest._name_order(name))  # noqa: SLF001
+
+    skipped: list[tuple[str, str]] = []
+    for folder in sorted(folders, key=order, reverse=True):
+        local = download_dir / folder[len(root):].lstrip("/")
+        _download(filesystem, by_folder[folder], folder, local)
+        problem = manifest.checkpoint_problem(local)
+        if problem is None:
+            for name, why in skipped:
+                _say(f"skipping incomplete checkpoint {name} ({why}); using {shown.rstrip('/')}/{folder[len(root):].lstrip('/')}")
+            return local / CHECKPOINT_FILE
+        skipped.append((folder, problem))
+    reasons = "; ".join(f"{folder.rsplit('/', 1)[-1]}: {problem}" for folder, problem in skipped)
+    raise JobError(f"--model {shown}: no complete checkpoint ({reasons})")
+
+
+def _download(filesystem, items: list, remote_root: str, local_root: Path) -> list[Path]:
+    """Copy remote files (pyarrow FileInfo) below remote_root into local_root, keeping relative paths."""
+    paths = []
+    for item in items:
+        target = local_root / item.path[len(remote_root):].lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with filesystem.open_input_stream(item.path) as source, open(target, "wb") as sink:
+            while chunk := source.read(8 << 20):
+                sink.write(chunk)
+        paths.append(target)
+    return paths
+
+
+def _without_query(uri: str) -> str:
+    # s3://bucket/key?endpoint_override=...&access_key=... : a query can carry keys; never print it.
+    return uri.split("?", 1)[0]
 
 
 def _download_pyfunc_generator(uri: str, download_dir: Path) -> Path:

@@ -63,6 +63,16 @@ def ray_job_id() -> str:
     return (config.get("metadata") or {}).get("job_submission_id", "") or os.environ.get("RAY_JOB_SUBMISSION_ID", "")
 
 
+def _local_artifact_location(client: MlflowClient) -> str | None:
+    """For a SQLite store in a `ray job submit` job: artifacts beside it under jobs.cli.job_home(). MLflow's
+    default, ./mlruns, would be Ray's temporary copy of the working dir. None (MLflow's default) otherwise."""
+    from jobs.cli import job_home, ray_job_copy
+
+    if ray_job_copy() is None or not str(client.tracking_uri).startswith("sqlite:"):
+        return None
+    return (job_home() / "mlruns").as_uri()
+
+
 def get_or_create_run(client: MlflowClient, experiment: str, run_name: str, tags: dict[str, str]) -> tuple[str, bool]:
     """The id of the MLflow run for `run_name` in `experiment`, creating either when missing.
 
@@ -70,7 +80,8 @@ def get_or_create_run(client: MlflowClient, experiment: str, run_name: str, tags
         (run_id, resumed): resumed is True when the run already existed (a rerun of the same name).
     """
     found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(
+        experiment, artifact_location=_local_artifact_location(client))
     existing = client.search_runs(
         [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
     )

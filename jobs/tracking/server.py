@@ -15,7 +15,6 @@ import re
 import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 from jobs.cli import JobError
 
@@ -80,7 +79,9 @@ def resolve_tracking_uri(cli_value: str | None) -> str:
     uri = cli_value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
-        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
+        from jobs.cli import resolve_local_path
+
+        uri = prefix + str(resolve_local_path(uri[len(prefix) :], "the MLflow store sqlite:///"))
     return uri
 
 

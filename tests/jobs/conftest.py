@@ -83,10 +83,15 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One real local Ray cluster for the session (4 logical CPUs: 2 trainers, data, headroom)."""
+def ray_local(s3_server):
+    """One real local Ray cluster for the session (4 logical CPUs: 2 trainers, data, headroom).
+
+    Its processes get the S3 server's AWS_* variables (tests/conftest.py), as a cluster's nodes get them from the
+    environment `ray start` runs in: a worker's environment is fixed when Ray starts, so any test may then use
+    `run.storage_path=s3://...`."""
     import ray
 
+    os.environ.update(s3_server.env)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # address="local": always a fresh cluster, never one that /tmp/ray says was started earlier.
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)

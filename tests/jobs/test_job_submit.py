@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -23,7 +24,9 @@ def ray_head(tmp_path):
     process group, stopped by signalling that group: `ray stop` would stop every Ray cluster on the machine,
     including the one this test process is attached to."""
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           # where submitted jobs keep relative outputs (jobs.cli.job_home); ~/gan-enhance when unset
+           "GAN_ENHANCE_HOME": str(tmp_path / "gan-enhance-home")}
     env.pop("RAY_ADDRESS", None)
     # Every port on a free one: another Ray cluster on this machine (the tests' own) holds the defaults, and a
     # dashboard agent that cannot bind its port leaves the head answering "No available agent to submit job".
@@ -95,3 +98,71 @@ def test_ray_job_submit_runs_demo_recipe(ray_head, mlflow_server, demo_data, tmp
     assert run.info.status == "FINISHED"
     assert run.data.tags["ray_job_id"].startswith("raysubmit_")
     assert (tmp_path / "results" / "submitted").is_dir()
+
+
+def _documented_command(path: Path) -> str:
+    """The `ray job submit` line of a recipe header, exactly as written there."""
+    (line,) = [line for line in path.read_text().splitlines() if line.startswith("#   ray job submit")]
+    return line.removeprefix("#   ")
+
+
+def _checkout_without_ignored(tmp_path: Path, demo_data: Path) -> Path:
+    """The repository's files as a user's checkout has them (no venv, no outputs), with the demo data where
+    `python -m jobs.prepare_data --demo` writes it: data/demo (which .gitignore ignores)."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(REPO, checkout, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "data", "mlruns", "mlartifacts", "ray_results", "mlflow.db", "__pycache__", "*.egg-info",
+        ".pytest_cache", "outputs", "build"))
+    (checkout / "data").mkdir()
+    (checkout / "data" / "demo").symlink_to(demo_data, target_is_directory=True)
+    return checkout
+
+
+def _submit(command: str, address: str, env: dict, cwd: Path) -> tuple[int, str]:
+    command = command.replace("http://127.0.0.1:8265", address)
+    for _ in range(20):  # right after start the head can answer "No available agent to submit job, try again"
+        done = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
+        log = done.stdout + done.stderr
+        if "No available agent" not in log:
+            break
+        time.sleep(3)
+    return done.returncode, log
+
+
+def test_documented_demo_command_works_as_pasted(ray_head, demo_data, tmp_path):
+    """demo.yaml's header command, pasted into a shell in a checkout against a local head: only the address is
+    changed, and train.* overrides that shrink the 750-step recipe to a few steps are appended."""
+    address, env = ray_head
+    env = {**env, "RAY_AUTH_MODE": "token"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    home = Path(env["GAN_ENHANCE_HOME"])
+    checkout = _checkout_without_ignored(tmp_path, demo_data)
+    documented = _documented_command(REPO / "jobs" / "configs" / "demo.yaml")
+    assert "data.train=$PWD/data/demo/train_shards" in documented
+    shrink = (" run.name=pasted train.total_steps=4 train.pretrain_steps=2 train.val_every=2 train.ckpt_every=2 "
+              "data.max_val_images=1 data.val_crop=64 generator.num_block=1 generator.num_feat=8 "
+              "generator.num_grow_ch=8 discriminator.num_feat=8 data.batch_size=2 data.patch_size=32")
+
+    # Without the data paths (the old header): the job says why data/ is missing and what to pass, and leaves
+    # no MLflow run behind.
+    old = documented.split(" data.train=")[0]
+    code, log = _submit(old + shrink, address, env, checkout)
+    assert code != 0, log[-3000:]
+    assert "does not exist inside this Ray job" in log and ".gitignore" in log, log[-3000:]
+    assert "data.train=$PWD/data/demo/train_shards" in log, log[-3000:]
+    store = home / "mlflow.db"
+    if store.exists():
+        client = MlflowClient(f"sqlite:///{store}")
+        assert not client.search_runs([e.experiment_id for e in client.search_experiments()]), "an empty run was left"
+
+    # As documented: it succeeds; the MLflow store and checkpoints are in the stable folder, not Ray's copy.
+    code, log = _submit(documented + shrink, address, env, checkout)
+    assert code == 0 and "succeeded" in log, log[-4000:]
+    assert f"using {home / 'ray_results'}" in log and f"using {store}" in log, log[-4000:]
+    client = MlflowClient(f"sqlite:///{store}")
+    experiment = client.get_experiment_by_name("gan-enhance-demo")
+    (run,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = 'pasted'")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["checkpoint_location"].startswith(str(home / "ray_results" / "pasted"))
+    assert any((home / "ray_results" / "pasted").rglob("checkpoint.pt"))
+    assert "_ray_pkg_" not in run.info.artifact_uri and "_ray_pkg_" not in run.data.params["run.storage_path"]

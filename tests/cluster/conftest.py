@@ -1,0 +1,253 @@
+"""A real multi-node Ray cluster on this machine: a head and a worker node, each a `ray start --block` process.
+
+Each node runs in its own process group (start_new_session=True), with its own --temp-dir, its own ports, its own
+node IP (127.0.0.1 for the head, 127.0.0.2 for the worker: all of 127/8 is loopback on Linux, so the two nodes are
+told apart by IP as on a real cluster) and its own resources. Both carry one `trainer` slot, so a run that asks
+`--resources-per-worker '{"trainer": 1}'` gets exactly one DDP worker per node.
+
+`ClusterNode.kill()` is a spot node disappearing: SIGKILL to every process of that node (the `ray start` process,
+its raylet, its agents and the Ray workers the raylet forked), found by walking /proc from the node's `ray start`
+process and by the node's temp dir on their command lines. `ray stop` cannot do this: it stops every Ray node on
+the machine (other tests' clusters included).
+
+Checkpoints go to the S3 server of tests/conftest.py (`s3_server`): since Ray 2.7 a multi-node Train run needs
+its storage_path on shared storage, and every node gets the AWS_* variables from the environment `ray start` runs
+in (a Ray worker's environment is fixed when its raylet starts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.jobs.conftest import REPO, free_port
+
+BIN = Path(sys.executable).parent
+HEAD_IP, WORKER_IP = "127.0.0.1", "127.0.0.2"
+
+# Faster than the defaults (3 s x 5): a SIGKILLed node is declared dead in ~3 s, not ~15 s.
+FAST_FAILURE_DETECTION = {
+    "RAY_health_check_initial_delay_ms": "1000",
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+    # A worker group that cannot be placed fails over after 15 s, not 60 s: right after a node dies, before the GCS
+    # has declared it dead, an elastic run still counts it and asks for a group it cannot place.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15",
+    # The controller registers a checkpoint when it next polls the workers (default every 2 s): a node lost in
+    # between sends the run back one checkpoint more. The test runs' checkpoint intervals are seconds long.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def _descendants(pid: int) -> set[int]:
+    tree, found, todo = _children(), set(), [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _pids_mentioning(text: str) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.add(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@dataclass
+class ClusterNode:
+    """One `ray start --block` node of the test cluster."""
+
+    name: str
+    ip: str
+    temp_dir: Path
+    args: list[str]
+    env: dict[str, str]
+    log_dir: Path
+    process: subprocess.Popen | None = None
+    starts: int = 0
+    node_ids: list[str] = field(default_factory=list)  # one per start
+
+    def start(self) -> None:
+        self.starts += 1
+        with open(self.log_dir / f"{self.name}-{self.starts}.log", "w") as log:  # the child keeps its own copy
+            self.process = subprocess.Popen([str(BIN / "ray"), "start", "--block", *self.args], env=self.env,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def pids(self) -> set[int]:
+        """Every live process of this node."""
+        if self.process is None:
+            return set()
+        pids = {self.process.pid} | _descendants(self.process.pid) | _pids_mentioning(str(self.temp_dir))
+        pids.discard(os.getpid())
+        return pids
+
+    def kill(self) -> list[int]:
+        """SIGKILL every process of this node at once (a spot node vanishing). Returns the pids killed."""
+        pids = sorted(self.pids())
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.process is not None:
+            self.process.wait(timeout=30)
+        return pids
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            self.kill()  # stray workers of a node whose `ray start` already died
+            return
+        pids = self.pids()
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+@dataclass
+class RayCluster:
+    """Head + worker node. `address` is the GCS address for RAY_ADDRESS / ray.init."""
+
+    head: ClusterNode
+    worker: ClusterNode
+    address: str
+    env: dict[str, str]  # what a driver on this machine needs (RAY_ADDRESS, token auth, AWS_* of the S3 server)
+
+    def alive_nodes(self) -> list[dict]:
+        """The GCS's alive nodes, read by a short-lived client process (this test process stays Ray-free)."""
+        code = (f"import json, ray; ray.init(address={self.address!r}, log_to_driver=False); "
+                "print(json.dumps([{'id': n['NodeID'], 'ip': n['NodeManagerAddress'], 'resources': n['Resources']} "
+                "for n in ray.nodes() if n['Alive']]))")
+        done = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120,
+                              check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"cannot list the cluster's nodes: {done.stderr[-2000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def wait_for_nodes(self, count: int, timeout: float = 120.0) -> list[dict]:
+        deadline = time.time() + timeout
+        while True:
+            nodes = self.alive_nodes()
+            if len(nodes) == count:
+                return nodes
+            if time.time() > deadline:
+                raise TimeoutError(f"expected {count} alive nodes, have {nodes}")
+            time.sleep(1)
+
+    def start_worker(self) -> str:
+        """Start (or restart) the worker node and wait until it is alive; return its node id."""
+        self.worker.start()
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            nodes = [n for n in self.alive_nodes() if n["ip"] == WORKER_IP]
+            if nodes:
+                self.worker.node_ids.append(nodes[0]["id"])
+                return nodes[0]["id"]
+            if not self.worker.alive:
+                raise RuntimeError(f"the worker node exited: see {self.worker.log_dir}")
+            time.sleep(1)
+        raise TimeoutError("the worker node did not join the cluster in 120 s")
+
+    def ensure_worker(self) -> None:
+        """The worker node alive (a previous test may have killed it)."""
+        if not any(n["ip"] == WORKER_IP for n in self.alive_nodes()):
+            self.worker.kill()
+            self.start_worker()
+
+
+def _node_ports() -> list[str]:
+    return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+            "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port())]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server, tmp_path_factory):
+    """Head (4 CPUs, trainer slot) + worker node (2 CPUs, trainer slot), token auth, S3 credentials on every node."""
+    log_dir = tmp_path_factory.mktemp("ray-cluster-logs")
+    # Short temp dirs: Ray's Unix socket paths live under them (108-byte limit).
+    root = Path(tempfile.mkdtemp(prefix="gc-", dir="/tmp"))
+    env = {**os.environ, **s3_server.env, **FAST_FAILURE_DETECTION, "PATH": f"{BIN}:{os.environ['PATH']}",
+           "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_V2_ENABLED": "1",
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    port = free_port()
+    head = ClusterNode(
+        "head", HEAD_IP, root / "head",
+        ["--head", "--port", str(port), "--node-ip-address", HEAD_IP, "--temp-dir", str(root / "head"),
+         "--num-cpus", "4", "--resources", json.dumps({"trainer": 1}), "--include-dashboard", "false",
+         "--ray-client-server-port", str(free_port()), "--min-worker-port", "0", "--max-worker-port", "0",
+         "--disable-usage-stats", *_node_ports()],
+        env, log_dir)
+    address = f"{HEAD_IP}:{port}"
+    worker = ClusterNode(
+        "worker", WORKER_IP, root / "worker",
+        ["--address", address, "--node-ip-address", WORKER_IP, "--temp-dir", str(root / "worker"),
+         "--num-cpus", "2", "--resources", json.dumps({"trainer": 1}), "--min-worker-port", "0",
+         "--max-worker-port", "0", "--disable-usage-stats", *_node_ports()],
+        env, log_dir)
+    from ray._common.utils import get_ray_address_file
+
+    address_file = Path(get_ray_address_file(None))
+    before = address_file.read_text() if address_file.is_file() else None
+    cluster = RayCluster(head=head, worker=worker, address=address, env={**env, "RAY_ADDRESS": address})
+    try:
+        head.start()
+        cluster.wait_for_nodes(1)
+        cluster.start_worker()
+        yield cluster
+    finally:
+        worker.stop()
+        head.stop()
+        # `ray start --head` records its address in /tmp/ray/ray_current_cluster; leave it as it was.
+        if before is None:
+            address_file.unlink(missing_ok=True)
+        else:
+            address_file.write_text(before)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# The job tests' fixtures, shared: demo shards, an `mlflow server` on 127.0.0.1.
+from tests.jobs.conftest import demo_data, mlflow_server  # noqa: F401
