@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -59,6 +59,17 @@ class DiscriminatorSection(_Section):
         return {"name": "vgg", "num_feat": self.num_feat, "norm": self.norm, "spectral_norm": self.spectral_norm}
 
 
+# Layer names of torchvision's vgg19().features, in order (BasicSR's NAMES["vgg19"]); `convX_Y` is the
+# feature before its ReLU. Here rather than in gan_core.losses so that validating a config imports no torch.
+VGG19_LAYER_NAMES = (
+    "conv1_1", "relu1_1", "conv1_2", "relu1_2", "pool1",
+    "conv2_1", "relu2_1", "conv2_2", "relu2_2", "pool2",
+    "conv3_1", "relu3_1", "conv3_2", "relu3_2", "conv3_3", "relu3_3", "conv3_4", "relu3_4", "pool3",
+    "conv4_1", "relu4_1", "conv4_2", "relu4_2", "conv4_3", "relu4_3", "conv4_4", "relu4_4", "pool4",
+    "conv5_1", "relu5_1", "conv5_2", "relu5_2", "conv5_3", "relu5_3", "conv5_4", "relu5_4", "pool5",
+)  # fmt: skip
+
+
 class LossSection(_Section):
     """Loss terms and their weights. A weight of 0 turns a term off."""
 
@@ -69,10 +80,26 @@ class LossSection(_Section):
     lpips_net: Literal["alex", "vgg"] = "alex"
     # File or folder with the torchvision backbone weights; else $GAN_CORE_WEIGHTS_DIR, then the torch hub cache.
     perceptual_weights_path: str | None = None
+    # vgg only: VGG19 layer -> weight, summed (BasicSR's PerceptualLoss layer_weights); Real-ESRGAN uses
+    # {conv1_2: 0.1, conv2_2: 0.1, conv3_4: 1, conv4_4: 1, conv5_4: 1}. None: conv5_4 alone, weight 1 (ESRGAN).
+    perceptual_layers: dict[str, float] | None = None
     adversarial: Literal["vanilla", "relativistic", "lsgan", "hinge", "wgan"] = "relativistic"
     adversarial_weight: float = Field(5e-3, ge=0.0)
     gp_weight: float = Field(0.0, ge=0.0)  # WGAN-GP gradient penalty
     r1_weight: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _known_layers(self) -> LossSection:
+        if self.perceptual_layers is None:
+            return self
+        if self.perceptual != "vgg":
+            raise ValueError(f"perceptual_layers needs perceptual: vgg (got perceptual: {self.perceptual})")
+        unknown = sorted(set(self.perceptual_layers) - set(VGG19_LAYER_NAMES))
+        if unknown:
+            raise ValueError(f"perceptual_layers: unknown VGG19 layer(s) {unknown}; valid: {', '.join(VGG19_LAYER_NAMES)}")
+        if not self.perceptual_layers or any(w < 0 for w in self.perceptual_layers.values()):
+            raise ValueError("perceptual_layers: give at least one layer, each with a weight >= 0")
+        return self
 
 
 class OptimSection(_Section):
@@ -86,7 +113,13 @@ class OptimSection(_Section):
 
 
 class ScheduleSection(_Section):
-    """Learning-rate schedule over the run's global step (the same shape for G and D)."""
+    """Learning-rate schedule over the run's global step (the same shape for G and D).
+
+    With `per_phase: true` the pixel-only pretraining and the GAN phase each get the whole schedule
+    (warmup, then the named shape over the phase's own length; milestones and restart periods count from
+    the phase's first step), so the GAN phase, and D, which trains only there, start at the full base LR.
+    Without it one schedule spans the run, and a cosine has cut D's LR to its floor by a late GAN phase.
+    """
 
     lr_schedule: Literal["constant", "cosine", "cosine_restarts", "multistep", "one_cycle"] = "constant"
     warmup_steps: int = Field(0, ge=0)  # linear warmup from 0, then the schedule
@@ -94,6 +127,8 @@ class ScheduleSection(_Section):
     gamma: float = Field(0.5, gt=0.0, le=1.0)
     restart_period: int | None = Field(None, ge=1)  # cosine_restarts; default: a quarter of the run
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)  # floor of cosine schedules, as a fraction of the base LR
+    per_phase: bool = False  # restart the schedule at the GAN phase (train.pretrain_steps); see above
+    gan_g_lr_scale: float = Field(1.0, gt=0.0, le=1.0)  # G's LR in the GAN phase: optim.g_lr times this
 
 
 class DegradationSection(_Section):
@@ -115,6 +150,114 @@ class DegradationSection(_Section):
         return self
 
 
+KernelType = Literal["iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"]
+_REAL_ESRGAN_KERNEL_SIZES = [7, 9, 11, 13, 15, 17, 19, 21]
+_REAL_ESRGAN_KERNEL_PROBS = {"iso": 0.45, "aniso": 0.25, "generalized_iso": 0.12, "generalized_aniso": 0.03,
+                             "plateau_iso": 0.12, "plateau_aniso": 0.03}
+
+
+def _check_kernel_sizes(sizes: list[int]) -> list[int]:
+    if not sizes:
+        raise ValueError("needs at least one kernel size")
+    bad = [size for size in sizes if size < 3 or size % 2 == 0]
+    if bad:
+        raise ValueError(f"kernel sizes must be odd and at least 3, got {bad}")
+    return sizes
+
+
+def _check_probs(probs: list[float] | tuple[float, ...], what: str) -> None:
+    if any(not 0.0 <= p <= 1.0 for p in probs) or abs(sum(probs) - 1.0) > 1e-6:
+        raise ValueError(f"{what} must be probabilities in [0, 1] that sum to 1, got {list(probs)}")
+
+
+class DegradationOrderSection(_Section):
+    """One order of Real-ESRGAN's degradation: blur, random resize, noise, JPEG. Names and defaults are
+    Real-ESRGAN's (options/train_realesrgan_x4plus.yml, first order); ranges are (low, high), low <= high."""
+
+    blur_prob: float = Field(1.0, ge=0.0, le=1.0)  # Real-ESRGAN always blurs in the first order (second: 0.8)
+    kernel_sizes: list[int] = Field(default_factory=lambda: list(_REAL_ESRGAN_KERNEL_SIZES))  # odd, drawn uniformly
+    kernel_probs: dict[KernelType, float] = Field(default_factory=lambda: dict(_REAL_ESRGAN_KERNEL_PROBS))
+    blur_sigma: tuple[float, float] = (0.2, 3.0)
+    betag_range: tuple[float, float] = (0.5, 4.0)  # generalized Gaussian shape; low <= 1 <= high
+    betap_range: tuple[float, float] = (1.0, 2.0)  # plateau shape; low <= 1 <= high
+    sinc_prob: float = Field(0.1, ge=0.0, le=1.0)  # a sinc (ringing) kernel instead of the mixed ones
+    resize_probs: tuple[float, float, float] = (0.2, 0.7, 0.1)  # up, down, keep
+    resize_range: tuple[float, float] = (0.15, 1.5)  # 0 < low <= 1 <= high
+    gaussian_noise_prob: float = Field(0.5, ge=0.0, le=1.0)  # else Poisson noise
+    noise_range: tuple[float, float] = (1.0, 30.0)  # Gaussian sigma on the 0-255 scale
+    poisson_scale_range: tuple[float, float] = (0.05, 3.0)
+    gray_noise_prob: float = Field(0.4, ge=0.0, le=1.0)
+    jpeg_range: tuple[float, float] = (30.0, 95.0)  # quality, within 1..100
+
+    @field_validator("kernel_sizes")
+    @classmethod
+    def _odd_sizes(cls, sizes: list[int]) -> list[int]:
+        return _check_kernel_sizes(sizes)
+
+    @field_validator("kernel_probs")
+    @classmethod
+    def _kernel_probs(cls, probs: dict[str, float]) -> dict[str, float]:
+        _check_probs(list(probs.values()), "kernel type probabilities")
+        return probs
+
+    @field_validator("resize_probs")
+    @classmethod
+    def _resize_probs(cls, probs: tuple[float, float, float]) -> tuple[float, float, float]:
+        _check_probs(probs, "resize probabilities (up, down, keep)")
+        return probs
+
+    @field_validator("blur_sigma", "betag_range", "betap_range", "resize_range", "noise_range",
+                     "poisson_scale_range", "jpeg_range")
+    @classmethod
+    def _range(cls, value: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
+        low, high = value
+        if low > high:
+            raise ValueError(f"empty range: low {low} is above high {high}")
+        bounds = {"blur_sigma": "0 < low", "betag_range": "0 < low <= 1 <= high", "betap_range": "0 < low <= 1 <= high",
+                  "resize_range": "0 < low <= 1 <= high", "noise_range": "0 <= low",
+                  "poisson_scale_range": "0 <= low", "jpeg_range": "1 <= low, high <= 100"}[info.field_name]
+        inside = {"blur_sigma": low > 0, "betag_range": 0 < low <= 1 <= high, "betap_range": 0 < low <= 1 <= high,
+                  "resize_range": 0 < low <= 1 <= high, "noise_range": low >= 0, "poisson_scale_range": low >= 0,
+                  "jpeg_range": 1 <= low and high <= 100}[info.field_name]
+        if not inside:
+            raise ValueError(f"out of bounds: needs {bounds}, got ({low}, {high})")
+        return value
+
+    def kernel_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `gan_core.data.blur_kernels.draw_blur_kernels`."""
+        return {"kernel_sizes": self.kernel_sizes, "kernel_probs": dict(self.kernel_probs),
+                "sigma": self.blur_sigma, "betag": self.betag_range, "betap": self.betap_range,
+                "sinc_prob": self.sinc_prob}
+
+
+def _second_order() -> DegradationOrderSection:
+    # Real-ESRGAN's second order: blur_prob 0.8 (second_blur_prob), smaller blur, resize and noise.
+    return DegradationOrderSection(blur_prob=0.8, blur_sigma=(0.2, 1.5), resize_probs=(0.3, 0.4, 0.3),
+                                   resize_range=(0.3, 1.2), noise_range=(1.0, 25.0), poisson_scale_range=(0.05, 2.5))
+
+
+class BlindDegradationSection(_Section):
+    """Real-ESRGAN's second-order degradation, made on the training device (gan_core.data.realesrgan).
+    The defaults are train_realesrgan_x4plus.yml's."""
+
+    first: DegradationOrderSection = Field(default_factory=DegradationOrderSection)
+    second: DegradationOrderSection = Field(default_factory=_second_order)
+    final_sinc_prob: float = Field(0.8, ge=0.0, le=1.0)
+    final_kernel_sizes: list[int] = Field(default_factory=lambda: list(_REAL_ESRGAN_KERNEL_SIZES))
+    sharpen_gt: bool = True  # degrade the USM-sharpened GT, as Real-ESRGAN (its gt_usm)
+    pool_size: int = Field(180, ge=0)  # training-pair pool (queue_size); a multiple of data.batch_size; 0: none
+
+    @field_validator("final_kernel_sizes")
+    @classmethod
+    def _odd_sizes(cls, sizes: list[int]) -> list[int]:
+        return _check_kernel_sizes(sizes)
+
+    def degradation_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `gan_core.data.realesrgan.SecondOrderDegradation` (besides scale, seed, rank)."""
+        return {"first": self.first, "second": self.second, "final_sinc_prob": self.final_sinc_prob,
+                "final_kernel_sizes": self.final_kernel_sizes, "sharpen_gt": self.sharpen_gt}
+
+
 class DataSection(_Section):
     """Where the images are and how patches are drawn."""
 
@@ -129,8 +272,36 @@ class DataSection(_Section):
     # tiles of one big photo do not dominate a small, mixed data set (needs the shards' `source` column)
     sampling: Literal["tile", "source"] = "tile"
     degradation: DegradationSection = Field(default_factory=DegradationSection)
+    # Real-ESRGAN's blind degradation instead: the sampler yields GT patches, the LR is made on the device
+    blind: BlindDegradationSection | None = None
     max_val_images: int | None = Field(None, ge=1)
     val_crop: int | None = Field(None, ge=16)  # centre-crop validation HR images to this size (fast CPU validation)
+    # memory: each worker decodes its whole shard into RAM (small sets). stream: Ray Data tasks read, decode and
+    # crop (CPU tasks, on CPU-only nodes when there are some) and each worker takes a bounded stream of ready
+    # patches, so worker memory does not grow with the data set (jobs/training/stream.py). Needs sampling: tile.
+    loader: Literal["memory", "stream"] = "memory"
+    prefetch_batches: int = Field(2, ge=1, le=64)  # stream: ready batches buffered per worker
+    # stream: object store memory Ray Data may fill ahead of the workers (all of them): how far its tasks run ahead
+    stream_buffer_mb: int = Field(512, ge=16)
+
+    @model_validator(mode="after")
+    def _blind_fits(self) -> DataSection:
+        if self.blind is None:
+            return self
+        if self.blind.pool_size % self.batch_size:
+            raise ValueError(f"data.blind.pool_size ({self.blind.pool_size}) must be a multiple of data.batch_size "
+                             f"({self.batch_size}), or 0 for no pool")
+        if self.degradation != DegradationSection():
+            raise ValueError("data.degradation and data.blind exclude each other: with data.blind the LR is made "
+                             "on the device; leave data.degradation at its defaults")
+        return self
+
+    @model_validator(mode="after")
+    def _stream_samples_tiles(self) -> DataSection:
+        if self.loader == "stream" and self.sampling != "tile":
+            raise ValueError("loader: 'stream' needs sampling: 'tile' (sampling by source needs the whole shard "
+                             "in memory; use loader: 'memory')")
+        return self
 
 
 class TrainSection(_Section):
@@ -316,8 +487,35 @@ def config_to_yaml(cfg: Config) -> str:
 
 
 def known_keys() -> set[str]:
-    """Every dotted key the schema accepts (sweep spaces are checked against it)."""
-    return set(flatten(Config().model_dump()))
+    """Every dotted key the schema accepts (sweep spaces are checked against it), including the keys inside
+    optional sections such as `data.blind` (`data.blind.first.noise_range`), which default to None."""
+    keys = set(flatten(Config().model_dump()))
+    for prefix, section in _optional_sections(Config):
+        keys |= _field_keys(section, f"{prefix}.")
+    return keys
+
+
+def _field_keys(model: type[BaseModel], prefix: str) -> set[str]:
+    """The dotted keys of a section's fields; a dict-valued field (kernel_probs) is one key."""
+    keys = set()
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys |= _field_keys(field.annotation, f"{prefix}{name}.")
+        else:
+            keys.add(f"{prefix}{name}")
+    return keys
+
+
+def _optional_sections(model: type[BaseModel], prefix: str = "") -> list[tuple[str, type[BaseModel]]]:
+    """(dotted name, section class) of every `Section | None` field, at any depth."""
+    found = []
+    for name, field in model.model_fields.items():
+        options = [a for a in getattr(field.annotation, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            found += _optional_sections(field.annotation, f"{prefix}{name}.")
+        elif options:
+            found.append((f"{prefix}{name}", options[0]))
+    return found
 
 
 def validation_error(err: ValidationError, source: str, keys: set[str] | None = None) -> ConfigError:

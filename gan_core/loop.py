@@ -9,10 +9,15 @@ Train's report and MLflow logging in; a test or a benchmark hands in nothing.
     sampler = make_sampler(cfg, images)
     metrics = fit(state, device_batches(sampler, device, cfg), cfg,
                   Hooks(validate=validator(state, val_images, cfg, device)))
+
+With `data.blind` (Real-ESRGAN's degradation) the sampler yields GT patches only and the LR is made on
+the device: `device_batches(sampler, device, cfg, blind=make_blind(cfg, rank))`, and the checkpoint hook
+saves the stage's state with the sampler's (`checkpointer(..., blind=blind)`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import tempfile
@@ -30,13 +35,15 @@ from torch import nn
 from gan_core.build import build_state
 from gan_core.checkpoint import load_checkpoint, load_sampler_state, save_checkpoint, save_sampler_state
 from gan_core.config import Config
-from gan_core.data import PatchSampler
+from gan_core.data import PatchSampler, validation_pair
+from gan_core.data.realesrgan import BlindPairs
 from gan_core.manifest import checkpoint_problem, write_manifest
 from gan_core.schedules import set_base_lr
-from gan_core.scoring import evaluate_images, load_eval_images, load_lpips, mean_metrics, sample_grid
+from gan_core.scoring import BlindValidationPairs, evaluate_images, load_eval_images, load_lpips, mean_metrics, sample_grid
 from gan_core.step import TrainState, phase, train_step, unwrap
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+SourceBatch = tuple[torch.Tensor | None, torch.Tensor]  # lq is None when the LR is made on the device (data.blind)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -80,12 +87,18 @@ def setup_state(cfg: Config, device: torch.device) -> TrainState:
     return build_state(cfg, device)
 
 
-def restore(state: TrainState, directory: str | Path, cfg: Config, rank: int = 0,
+def restore(state: TrainState, directory: str | Path, cfg: Config, rank: int = 0, world_size: int | None = None,
             ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Continue from a checkpoint folder: models, optimizers, RNG, this worker's sampler position.
 
     The config wins over the optimizer state in the checkpoint: a resume with `optim.g_lr=...`, or a PBT
     exploit (a donor's checkpoint with mutated learning rates), trains with the learning rates asked for.
+
+    Args:
+        world_size: the size of the group that resumes. When the checkpoint was written by a group of another
+            size (an elastic run that shrank or grew), the data shards were split anew: a sampler position
+            describes another shard, so none is returned and the caller starts fresh samplers
+            (`resized_data_seed`).
 
     Returns:
         (the checkpoint's `extra`, this worker's sampler state or None).
@@ -97,7 +110,36 @@ def restore(state: TrainState, directory: str | Path, cfg: Config, rank: int = 0
     set_base_lr(state.g_optimizer, state.g_scheduler, cfg.optim.g_lr)
     if state.d_optimizer is not None:
         set_base_lr(state.d_optimizer, state.d_scheduler, cfg.optim.d_lr)
+    if world_size is not None and checkpoint_world_size(directory) not in (None, world_size):
+        return extra, None
     return extra, load_sampler_state(directory, rank)
+
+
+def checkpoint_world_size(directory: str | Path) -> int | None:
+    """How many workers wrote the checkpoint folder (rank 0's manifest), None when it does not say."""
+    manifest = Path(directory) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    size = json.loads(manifest.read_text()).get("world_size")
+    return size if type(size) is int else None
+
+
+def resized_data_seed(seed: int, step: int) -> int:
+    """The data seed of a worker group that resumed at `step` with another size than the checkpoint's: the
+    samplers start afresh, and a seed that depends on the step keeps them from replaying step 0's patches."""
+    return seed * 1_000_003 + step
+
+
+def per_worker_batch(global_batch: int, rank: int, world_size: int) -> int:
+    """This worker's share of a global batch held constant while the group resizes: an even split, the first
+    `global_batch % world_size` ranks taking one patch more.
+
+    Raises:
+        ValueError: fewer patches than workers.
+    """
+    if global_batch < world_size:
+        raise ValueError(f"a global batch of {global_batch} cannot be split over {world_size} workers")
+    return global_batch // world_size + (1 if rank < global_batch % world_size else 0)
 
 
 def wrap_models(state: TrainState, cfg: Config, wrap_generator: Callable[[nn.Module], nn.Module] = lambda m: m,
@@ -117,7 +159,7 @@ def wrap_models(state: TrainState, cfg: Config, wrap_generator: Callable[[nn.Mod
 
 
 def make_sampler(cfg: Config, images: list, *, rank: int = 0, sources: list[str] | None = None,
-                 sampler_state: dict[str, Any] | None = None) -> PatchSampler:
+                 sampler_state: dict[str, Any] | None = None, seed: int | None = None) -> PatchSampler:
     """The patch sampler of one worker; with `data.sampling: source`, every source photo equally often.
 
     Args:
@@ -126,22 +168,51 @@ def make_sampler(cfg: Config, images: list, *, rank: int = 0, sources: list[str]
         rank: this worker's rank: workers draw different patches.
         sources: the source photo of each image (needed for `data.sampling: source`).
         sampler_state: a saved position to continue from.
+        seed: the data seed (default train.seed; `resized_data_seed` after an elastic resize).
     """
     data = cfg.data
     sampler = PatchSampler(
         images, patch_size=data.patch_size, scale=cfg.generator.scale, batch_size=data.batch_size,
-        seed=cfg.train.seed, rank=rank, hflip=data.hflip, rot90=data.rot90, color_jitter=data.color_jitter,
-        degradation=data.degradation.model_dump(), groups=sources if data.sampling == "source" else None,
+        seed=cfg.train.seed if seed is None else seed, rank=rank, hflip=data.hflip, rot90=data.rot90, color_jitter=data.color_jitter,
+        degradation=None if data.blind is not None else data.degradation.model_dump(),
+        groups=sources if data.sampling == "source" else None, gt_only=data.blind is not None,
     )
     if sampler_state is not None:
         sampler.load_state_dict(sampler_state)
     return sampler
 
 
-def device_batches(batches: Iterable[Batch], device: torch.device, cfg: Config) -> Iterator[Batch]:
-    """The batches on `device`, channels_last when the config asks for it."""
+def make_blind(cfg: Config, rank: int = 0, sampler_state: dict[str, Any] | None = None,
+               seed: int | None = None) -> BlindPairs | None:
+    """The device-side degradation stage of `data.blind` (None without it), seeded per rank.
+
+    Args:
+        sampler_state: this worker's saved sampler state; its `blind` entry (written by `checkpointer`)
+            continues the degradation and the pair pool where they were.
+        seed: as make_sampler's.
+    """
+    if cfg.data.blind is None:
+        return None
+    blind = BlindPairs.from_section(cfg.data.blind, scale=cfg.generator.scale, batch_size=cfg.data.batch_size,
+                                    seed=cfg.train.seed if seed is None else seed, rank=rank)
+    if sampler_state is not None and sampler_state.get("blind") is not None:
+        blind.load_state_dict(sampler_state["blind"])
+    return blind
+
+
+def device_batches(batches: Iterable[SourceBatch], device: torch.device, cfg: Config,
+                   blind: BlindPairs | None = None) -> Iterator[Batch]:
+    """The batches on `device`, channels_last when the config asks for it.
+
+    Args:
+        batches: (lq, gt) batches, or (None, gt) when `blind` makes the LR.
+        blind: the device-side degradation (`make_blind`): the GT moves to the device, then the LR is made
+            there (and pairs go through the pool).
+    """
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     for lq, gt in batches:
+        if blind is not None:
+            lq, gt = blind(gt.to(device, non_blocking=True))
         yield (lq.to(device, memory_format=memory_format, non_blocking=True),
                gt.to(device, memory_format=memory_format, non_blocking=True))
 
@@ -183,15 +254,18 @@ def validator(state: TrainState, images: list[np.ndarray], cfg: Config, device: 
         A function returning `val/<metric>` means over all images (the EMA generator when there is one).
     """
     mine = images[rank::world_size]
+    # A blind run is validated on its own kind of input: the photos degraded by data.blind, seeded per image.
+    make_pair = BlindValidationPairs(cfg.data.blind, seed=cfg.train.seed) if cfg.data.blind is not None else validation_pair
 
     def validate() -> dict[str, float]:
         model = state.generator_ema or unwrap(state.generator)
         was_training = model.training
         model.eval()
-        sums = evaluate_images(model, mine, cfg.generator.scale, device, lpips=lpips, bf16=cfg.train.bf16)
+        sums = evaluate_images(model, mine, cfg.generator.scale, device, lpips=lpips, bf16=cfg.train.bf16,
+                               make_pair=make_pair)
         sums = _sum_over_workers(sums, device)
         if on_sample is not None:
-            on_sample(sample_grid(model, images[0], cfg.generator.scale, device), state.step)
+            on_sample(sample_grid(model, images[0], cfg.generator.scale, device, make_pair), state.step)
         model.train(was_training)
         return {f"val/{key}": value for key, value in mean_metrics(sums).items()}
 
@@ -199,7 +273,8 @@ def validator(state: TrainState, images: list[np.ndarray], cfg: Config, device: 
 
 
 def checkpointer(state: TrainState, cfg: Config, sampler: PatchSampler | None, *, rank: int = 0,
-                 world_size: int | None = None, extra: dict[str, Any] | None = None) -> Callable[[], Path]:
+                 world_size: int | None = None, extra: dict[str, Any] | None = None,
+                 blind: BlindPairs | None = None) -> Callable[[], Path]:
     """The `checkpoint` hook: a fresh temporary folder with the full checkpoint (written by rank 0), this
     worker's sampler position and, written last, this worker's manifest of both (`write_manifest`). The
     loop removes the folder after `report`.
@@ -211,6 +286,8 @@ def checkpointer(state: TrainState, cfg: Config, sampler: PatchSampler | None, *
     Args:
         world_size: how many workers write into each checkpoint; by default the size of the initialised
             torch.distributed group (1 without one).
+        blind: the device-side degradation stage; its state (generators, pair pool) goes into this worker's
+            sampler file under `blind`, so a resumed run draws the same degradations.
     """
 
     def write() -> Path:
@@ -220,7 +297,10 @@ def checkpointer(state: TrainState, cfg: Config, sampler: PatchSampler | None, *
         if rank == 0:
             written.append(save_checkpoint(directory, state, cfg, extra=extra))
         if sampler is not None:
-            written.append(save_sampler_state(directory, rank, sampler.state_dict()))
+            sampler_state = sampler.state_dict()
+            if blind is not None:
+                sampler_state["blind"] = blind.state_dict()
+            written.append(save_sampler_state(directory, rank, sampler_state))
         write_manifest(directory, written, rank=rank, world_size=workers)
         return directory
 

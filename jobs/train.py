@@ -38,7 +38,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                "created), 130/143 stopped by SIGINT/SIGTERM (rerun the same command to resume).",
     )
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. jobs/configs/demo.yaml")
-    parser.add_argument("--num-workers", type=int, default=2, help="DDP workers (default 2)")
+    parser.add_argument("--num-workers", type=worker_count, default=2, metavar="N|MIN-MAX",
+                        help="DDP workers (default 2); MIN-MAX (e.g. 1-4) trains elastically: the group shrinks "
+                             "when a node is lost and grows when one comes (back), each time from the latest "
+                             "checkpoint, with the global batch held at data.batch_size x MAX (README: Elastic "
+                             "and multi-node training)")
+    parser.add_argument("--resources-per-worker", type=json_resources, metavar="JSON",
+                        help='what each worker reserves, e.g. \'{"CPU": 1, "trainer": 1}\' with a custom `trainer` '
+                             "resource on each node (ray start --resources) for one worker per node")
+    parser.add_argument("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+                        help="how the workers spread over nodes (default PACK)")
+    parser.add_argument("--resize-interval-s", type=float, default=60.0,
+                        help="elastic runs: how often to look for more capacity (default 60)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, nccl")
     parser.add_argument("--name", help="run name (default run.name, else recipe-YYYYmmdd-HHMMSS); reuse it to resume")
     parser.add_argument("--tracking-uri", help=TRACKING_HELP)
@@ -48,10 +59,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="at the end of the run, how long to wait for an unreachable MLflow server to take the "
                              "spooled metric points and the final model (default 60)")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
-    args = parser.parse_args(argv)
-    if args.num_workers < 1:
-        parser.error("--num-workers must be at least 1")
-    return args
+    return parser.parse_args(argv)
+
+
+def worker_count(text: str) -> int | tuple[int, int]:
+    """`--num-workers`: "N" (a fixed group), or "MIN-MAX" (elastic) with 1 <= MIN <= MAX."""
+    low, dash, high = text.partition("-")
+    try:
+        low_n, high_n = int(low), int(high if dash else low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither N nor MIN-MAX (e.g. 2 or 1-4)") from None
+    if low_n < 1 or high_n < low_n:
+        raise argparse.ArgumentTypeError(f"{text!r}: needs 1 <= MIN <= MAX (at least 1 worker)")
+    return (low_n, high_n) if dash else low_n
+
+
+def json_resources(text: str) -> dict[str, float]:
+    """`--resources-per-worker`: a JSON object of resource names to amounts."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in value.values()):
+        raise argparse.ArgumentTypeError('expected an object of amounts, e.g. {"CPU": 1, "trainer": 1}')
+    return value
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -68,7 +101,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     from jobs.tracking.server import connect
     from jobs.training.report import finish_run, print_summary
-    from jobs.training.trainer import build_trainer, check_data_paths, with_absolute_paths, with_local_init_from
+    from jobs.training.trainer import (
+        build_trainer,
+        check_data_paths,
+        elastic_loop_config,
+        with_absolute_paths,
+        with_local_init_from,
+    )
 
     # 1. Everything that can be wrong with the command is found before an MLflow run exists.
     args = parse_args(argv)
@@ -76,16 +115,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     run_name = args.name or cfg.run.name or f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = with_absolute_paths(cfg.with_values({"run.name": run_name}))
     check_data_paths(cfg)
+    if isinstance(args.num_workers, tuple):
+        elastic_loop_config(cfg, args.num_workers)  # what an elastic run cannot do fails here, not mid-run
     tracking_uri = connect(args.tracking_uri)
     cfg = with_local_init_from(cfg)
-    init_ray(num_cpus_hint=args.num_workers + 1)
+    max_workers = args.num_workers[1] if isinstance(args.num_workers, tuple) else args.num_workers
+    init_ray(num_cpus_hint=max_workers + 1)
 
     # 2. The run, closed FINISHED, FAILED or KILLED however this block ends.
     client = MlflowClient(tracking_uri)
     run_id, resumed = get_or_create_run(client, cfg.run.experiment, run_name, tags={"gan.recipe": args.config})
     close_wait_s = min(CLOSE_WAIT_S, args.tracking_wait_s)
     with run_lifecycle(client, run_id, tracking_uri=tracking_uri, close_wait_s=close_wait_s):
-        log_params_once(client, run_id, flatten(cfg.model_dump(mode="json")) | {"num_workers": args.num_workers})
+        workers = "-".join(map(str, args.num_workers)) if isinstance(args.num_workers, tuple) else args.num_workers
+        log_params_once(client, run_id, flatten(cfg.model_dump(mode="json")) | {"num_workers": workers})
         for key, value in {"git_commit": git_commit(), "ray_job_id": ray_job_id()}.items():
             if value and value != "unknown":  # no empty tags: a local run has no Ray job id
                 client.set_tag(run_id, key, value)
@@ -96,10 +139,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
         # 3. Train. A non-finite loss comes back through `non_finite`, not as a worker error that Train would
         #    retry from the last checkpoint (see jobs/training/worker.py).
-        non_finite = Queue(actor_options={"num_cpus": 0})
+        #    The queue lives on this driver's node: on a node that goes away (spot) it would take the answer along.
+        non_finite = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": driver_node()})
         loop_config = {"config": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,
                        "tracking_wait_s": args.tracking_wait_s, "non_finite": non_finite}
-        trainer = build_trainer(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu, loop_config=loop_config)
+        trainer = build_trainer(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu, loop_config=loop_config,
+                                resources_per_worker=args.resources_per_worker,
+                                placement_strategy=args.placement_strategy, resize_interval_s=args.resize_interval_s)
         result = fit_in_background(trainer)
         stopped = None if non_finite.empty() else non_finite.get()
         non_finite.shutdown()
@@ -110,6 +156,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         metrics = finish_run(client, run_id, cfg, result, wait_s=args.tracking_wait_s, register=args.register)
     print_summary(cfg, result, metrics, tracking_uri)
     return metrics
+
+
+def driver_node():
+    """A scheduling strategy that keeps an actor on this driver's node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def fit_in_background(trainer):

@@ -127,9 +127,12 @@ def key_annotation(key: str) -> Any:
     *sections, name = key.split(".")
     for section in sections:
         field = model.model_fields.get(section)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        # a section, or an optional one (`data.blind: BlindDegradationSection | None`)
+        options = [field.annotation, *get_args(field.annotation)] if field is not None else []
+        sections_here = [a for a in options if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not sections_here:
             return None
-        model = field.annotation
+        model = sections_here[0]
     field = model.model_fields.get(name)
     return field.annotation if field is not None else None
 

@@ -122,11 +122,39 @@ def build_search(space: SpaceFile, max_concurrent: int) -> tuple[Any, int | None
 trial_statuses: dict[str, str] = {}
 
 
-def _status_recorder():
+def sweep_eta(trials: list[tuple[str, int]], num_trials: int, total_steps: int, elapsed_s: float) -> str:
+    """One line of overall sweep progress: the share of the step budget (trials x steps) done and an ETA.
+
+    Args:
+        trials: (Tune status, last reported step) of each trial started so far.
+        num_trials: how many trials the sweep runs in all.
+        total_steps: steps per trial.
+        elapsed_s: seconds since the sweep started (this command).
+
+    Returns:
+        e.g. "[tune] progress: 45% of 8 x 600 steps (2 trials done, 3 running), elapsed 4:12, ETA <= 5:08".
+        A trial an early-stopping scheduler ended counts as done, so the ETA is an upper bound.
+    """
+    from jobs.progress import format_seconds
+
+    ended = sum(status in ("TERMINATED", "ERROR") for status, _ in trials)
+    running = sum(status == "RUNNING" for status, _ in trials)
+    budget = max(1, num_trials * total_steps)
+    done = sum(total_steps if status in ("TERMINATED", "ERROR") else min(step, total_steps) for status, step in trials)
+    share = done / budget
+    eta = format_seconds(elapsed_s * (1 - share) / share) if share > 0 else "?"
+    return (f"[tune] progress: {100 * share:.0f}% of {num_trials} x {total_steps} steps ({ended} trials done, "
+            f"{running} running), elapsed {format_seconds(elapsed_s)}, ETA <= {eta}")
+
+
+def _status_recorder(num_trials: int = 0, total_steps: int = 0, every_s: float = 60.0):
+    import time
+
     from ray import tune
 
     class RecordTrialStatus(tune.Callback):
-        """Driver-side: remember each trial's Tune status (a restored sweep unpickles its own copy).
+        """Driver-side: remember each trial's Tune status (a restored sweep unpickles its own copy), and print
+        the sweep's overall progress and ETA every `every_s` seconds.
 
         Only during the loop: on Ctrl-C, Tune stops the running trials as TERMINATED before its end hooks,
         though they resume on a rerun.
@@ -134,6 +162,15 @@ def _status_recorder():
 
         def on_step_end(self, iteration: int, trials: list, **info) -> None:
             trial_statuses.update({trial.trial_id: trial.status for trial in trials})
+            now = time.monotonic()
+            start = getattr(self, "_start", None)
+            if start is None:
+                self._start = self._last_print = now
+                return
+            if num_trials and now - self._last_print >= every_s:
+                self._last_print = now
+                states = [(trial.status, int((trial.last_result or {}).get("step", 0) or 0)) for trial in trials]
+                print(sweep_eta(states, num_trials, total_steps, now - start), flush=True)
 
     return RecordTrialStatus()
 
@@ -185,7 +222,7 @@ def build_tuner(space: SpaceFile, base: Config, sweep: str, settings: dict[str, 
                 checkpoint_score_order=space.mode,
             ),
             failure_config=tune.FailureConfig(max_failures=base.run.max_failures),
-            callbacks=[_status_recorder()],
+            callbacks=[_status_recorder(count_trials(space, num_samples), base.train.total_steps)],
         ),
     )
 
@@ -202,8 +239,9 @@ def start_parent_run(client, space: SpaceFile, base: Config, space_file: str, sw
         "searched_keys": ",".join(space.searched_keys()),
     }
     log_params_once(client, run_id, params)
-    client.set_tag(run_id, "git_commit", git_commit())
-    client.set_tag(run_id, "ray_job_id", ray_job_id())
+    for key, value in {"git_commit": git_commit(), "ray_job_id": ray_job_id()}.items():
+        if value and value != "unknown":  # no empty tags: a local sweep has no Ray job id
+            client.set_tag(run_id, key, value)
     client.log_artifact(run_id, space_file)
     client.log_text(run_id, config_to_yaml(base), "base_config.yaml")
     print(f"[tune] {'resuming' if resumed else 'starting'} sweep {sweep!r}: MLflow run {run_id}", flush=True)
