@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from gan_core.checkpoint import export_generator
 from gan_core.config import Config
+from jobs.tracking.model_source import checkpoint_uri
 from jobs.tracking.server import redact_text, redact_uri
 
 RETRY_PAUSE_S = 5.0
@@ -65,13 +66,13 @@ def finish_run(client: MlflowClient, run_id: str, cfg: Config, result, wait_s: f
                 with mlflow.start_run(run_id=run_id):
                     info = log_generator_model(generator_file, name=model_name(cfg.run.name))
                 link_validation_metrics(client, run_id, info.model_id)
-                client.log_batch(run_id, tags=[RunTag("checkpoint_location", result.checkpoint.path),
+                client.log_batch(run_id, tags=[RunTag("checkpoint_location", checkpoint_uri(result.checkpoint)),
                                                RunTag("model_uri", info.model_uri)])
                 break
             except (MlflowException, OSError) as err:  # the server is down (requests' errors are OSErrors)
                 if time.monotonic() + RETRY_PAUSE_S > deadline:
                     raise FinalModelNotLogged(
-                        f"training finished (checkpoint {result.checkpoint.path}) but MLflow at "
+                        f"training finished (checkpoint {checkpoint_uri(result.checkpoint)}) but MLflow at "
                         f"{redact_uri(tracking_uri)} did not take the final model within {wait_s:.0f} s "
                         f"({type(err).__name__}: {redact_text(str(err))[:160]}); "
                         "rerun the same command (same --name) when it answers: it logs the model without training"
@@ -150,7 +151,7 @@ def print_summary(cfg: Config, result, metrics: dict, tracking_uri: str) -> None
         print(f"  PSNR  model {metrics['val/psnr_y']:.3f} dB   bicubic {metrics['val/bicubic_psnr_y']:.3f} dB   "
               f"gain {metrics['val/gain_psnr_y']:+.3f} dB")
         print(f"  SSIM  model {metrics['val/ssim_y']:.4f}      bicubic {metrics['val/bicubic_ssim_y']:.4f}")
-    print(f"checkpoint:   {result.checkpoint.path}")
+    print(f"checkpoint:   {checkpoint_uri(result.checkpoint)}")
     print(f"MLflow model: {metrics.get('model_uri', '-')}")
     if "registered_version" in metrics:
         print(f"registered:   version {metrics['registered_version']} (see its description for the model card)")
