@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="at the end of the run, how long to wait for an unreachable MLflow server to take the "
                              "spooled metric points and the final model (default 60)")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
-    return parser.parse_args(argv)
+    # intermixed: options may follow the key=value overrides (`... demo.yaml data.train=... --name x`)
+    return parser.parse_intermixed_args(argv)
 
 
 def worker_count(text: str) -> int | tuple[int, int]:

@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="trials at once (default: as many as the cluster's current resources hold; "
                              "set it on an autoscaling cluster)")
     parser.add_argument("overrides", nargs="*", help="config overrides for every trial, key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may follow the key=value overrides
     if args.workers_per_trial < 1:
         parser.error("--workers-per-trial must be at least 1")
     if args.num_samples is not None and args.num_samples < 1:
