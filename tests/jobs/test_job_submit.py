@@ -28,6 +28,9 @@ def ray_head(tmp_path):
            # where submitted jobs keep relative outputs (jobs.cli.job_home); ~/gan-enhance when unset
            "GAN_ENHANCE_HOME": str(tmp_path / "gan-enhance-home")}
     env.pop("RAY_ADDRESS", None)
+    # Like a user's fresh shell: no tracking URI that an earlier test's mlflow.set_tracking_uri left in os.environ
+    # (submitted jobs inherit the head's environment).
+    env.pop("MLFLOW_TRACKING_URI", None)
     # Every port on a free one: another Ray cluster on this machine (the tests' own) holds the defaults, and a
     # dashboard agent that cannot bind its port leaves the head answering "No available agent to submit job".
     port, dashboard_port, client_port = free_port(), free_port(), free_port()

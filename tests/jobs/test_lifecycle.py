@@ -359,7 +359,7 @@ def test_user_errors_exit_2_with_one_line(world, tmp_path, capsys):
         (evaluate.main, ["--model", str(tmp_path / "nope"), "--data", world["val"]], "no such file or folder"),
         (evaluate.main, ["--model", f"models:/{world['model']}@nobody", "--data", world["val"],
                          "--tracking-uri", world["uri"]], "cannot be downloaded"),
-        (evaluate.main, ["--model", "s3://bucket/x", "--data", world["val"]], "unknown URI"),
+        (evaluate.main, ["--model", "ftp://bucket/x", "--data", world["val"]], "unknown URI"),
         (evaluate.main, ["--model", str(world["root"] / "checkpoints" / world["runs"]["nearest"]), "--data",
                          str(tmp_path / "none")], "no such folder"),
         (evaluate.main, ["--model", str(world["root"] / "checkpoints" / world["runs"]["nearest"]), "--data",
