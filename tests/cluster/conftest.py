@@ -181,7 +181,8 @@ class RayCluster:
         self.worker.start()
         deadline = time.time() + 120
         while time.time() < deadline:
-            nodes = [n for n in self.alive_nodes() if n["ip"] == WORKER_IP]
+            # A node id of this start: the killed node may still be listed alive until the GCS notices.
+            nodes = [n for n in self.alive_nodes() if n["ip"] == WORKER_IP and n["id"] not in self.worker.node_ids]
             if nodes:
                 self.worker.node_ids.append(nodes[0]["id"])
                 return nodes[0]["id"]
@@ -191,10 +192,12 @@ class RayCluster:
         raise TimeoutError("the worker node did not join the cluster in 120 s")
 
     def ensure_worker(self) -> None:
-        """The worker node alive (a previous test may have killed it)."""
-        if not any(n["ip"] == WORKER_IP for n in self.alive_nodes()):
+        """The worker node alive and the cluster at its two nodes (a previous test may have killed the worker, and
+        the GCS may still list the killed node as alive for a while: a run started then would see one node)."""
+        if not self.worker.alive or not any(n["ip"] == WORKER_IP for n in self.alive_nodes()):
             self.worker.kill()
             self.start_worker()
+        self.wait_for_nodes(2)
 
 
 def _node_ports() -> list[str]:
