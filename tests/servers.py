@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -45,15 +44,10 @@ def wait_for_http(url: str, timeout: float = 90.0) -> None:
 
 
 def stop_group(process: subprocess.Popen) -> None:
-    """Stop a process started with start_new_session=True, and its children."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=20)
+    """Stop a process started with start_new_session=True, and its children (SIGTERM, then SIGKILL)."""
+    from tests.jobs.conftest import stop_process_group
+
+    stop_process_group(process)
 
 
 @dataclass

@@ -85,9 +85,12 @@ def test_evaluate_export_promote_read_an_s3_checkpoint(s3_run, s3_server, mlflow
     _assert_no_secrets(s3_server, out.out, out.err)
 
 
-def test_missing_s3_model_says_so(s3_server):
+def test_missing_s3_model_says_so(s3_server, monkeypatch):
     from jobs.cli import JobError
     from jobs.tracking.model_source import resolve_model
+
+    for key, value in s3_server.env.items():  # also when run alone, before ray_local has exported them
+        monkeypatch.setenv(key, value)
 
     with pytest.raises(JobError, match="nothing there"):
         resolve_model(s3_server.url("no", "such", "run"), "/tmp/unused")
