@@ -1,4 +1,5 @@
-"""Data for super-resolution training: decoding, Parquet shards, degradations, patch pairs, demo set."""
+"""Data for training: decoding, Parquet shards (single images and input/target pairs), degradations, patch pairs,
+demo sets."""
 
 from gan_core.data.degradations import (
     DEGRADATION_KEYS,
@@ -10,7 +11,7 @@ from gan_core.data.degradations import (
     imresize,
     jpeg_compress,
 )
-from gan_core.data.demo import DEMO_TRAIN, DEMO_VAL, demo_images, prepare_demo_folders
+from gan_core.data.demo import DEMO_TRAIN, DEMO_VAL, demo_images, prepare_demo_folders, prepare_task_demo
 from gan_core.data.images import (
     IMAGE_EXTENSIONS,
     ImageDecodeError,
@@ -19,6 +20,16 @@ from gan_core.data.images import (
     decode_image,
     encode_png,
     load_image,
+)
+from gan_core.data.paired import (
+    PAIR_LAYOUTS,
+    PairError,
+    is_paired_folder,
+    load_pairs,
+    match_pairs,
+    split_pair,
+    stack_pair,
+    write_paired_shards,
 )
 from gan_core.data.pairs import (
     PatchSampler,
@@ -33,6 +44,7 @@ from gan_core.data.shards import (
     SHARD_SCHEMA,
     NoUsableImagesError,
     ShardReport,
+    decode_example,
     find_image_files,
     load_shard_images,
     read_shards,
@@ -52,6 +64,8 @@ __all__ = [
     "ImageDecodeError",
     "ImageTooLargeError",
     "NoUsableImagesError",
+    "PAIR_LAYOUTS",
+    "PairError",
     "PngWriter",
     "PatchSampler",
     "ShardReport",
@@ -59,6 +73,7 @@ __all__ = [
     "add_poisson_noise",
     "bicubic_downscale",
     "bicubic_upscale",
+    "decode_example",
     "decode_image",
     "degrade",
     "demo_images",
@@ -66,17 +81,24 @@ __all__ = [
     "find_image_files",
     "gaussian_blur",
     "imresize",
+    "is_paired_folder",
     "jpeg_compress",
     "load_image",
+    "load_pairs",
     "load_shard_images",
+    "match_pairs",
     "prepare_demo_folders",
+    "prepare_task_demo",
     "random_gt_patch",
     "random_patch_pair",
     "read_shards",
     "scan_image_folder",
     "shard_files",
+    "split_pair",
+    "stack_pair",
     "subimage_starts",
     "to_chw_uint8",
     "validation_pair",
+    "write_paired_shards",
     "write_shards",
 ]

@@ -10,6 +10,7 @@ benchmark LR: the mod-cropped HR image bicubic-downscaled with MATLAB's kernel.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -71,14 +72,18 @@ def random_gt_patch(
     The crop's corner lies on the scale grid (as BasicSR's paired_random_crop,
     which crops the LR image and multiplies by scale).
 
+    Args:
+        hr: uint8 (3, H, W), or (6, H, W) for a pair (input then target, gan_core.tasks): both halves get the
+            same window and the same flips; colour jitter is for images only.
+
     Returns:
-        float32 tensor (3, patch_size, patch_size) in [0, 1].
+        float32 tensor (C, patch_size, patch_size) in [0, 1].
 
     Raises:
-        ValueError: hr is not uint8 (3, H, W) or is smaller than patch_size.
+        ValueError: hr is not uint8 (3 or 6, H, W) or is smaller than patch_size.
     """
-    if hr.dtype != torch.uint8 or hr.dim() != 3 or hr.shape[0] != 3:
-        raise ValueError(f"expected a uint8 (3, H, W) tensor, got {hr.dtype} {tuple(hr.shape)}")
+    if hr.dtype != torch.uint8 or hr.dim() != 3 or hr.shape[0] not in (3, 6):
+        raise ValueError(f"expected a uint8 (3, H, W) image or (6, H, W) pair tensor, got {hr.dtype} {tuple(hr.shape)}")
     height, width = hr.shape[1:]
     if height < patch_size or width < patch_size:
         raise ValueError(f"image {height}x{width} is smaller than patch_size {patch_size}")
@@ -94,7 +99,7 @@ def random_gt_patch(
     if rot90 and coins[2] < 0.5:
         patch = patch.transpose(-1, -2)
     gt = patch.float().div_(255.0)
-    if color_jitter > 0:
+    if color_jitter > 0 and gt.shape[0] == 3:
         gt = _color_jitter(gt, color_jitter, generator)
     return gt.contiguous()
 
@@ -145,6 +150,7 @@ class PatchSampler:
         names: list[str] | None = None,
         groups: list[str] | None = None,
         gt_only: bool = False,
+        make_pair: Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
         """Args:
             images: HR images, each a uint8 (H, W, 3) array, a uint8 (3, H, W)
@@ -158,6 +164,9 @@ class PatchSampler:
                 uniformly instead of the images; None samples the images uniformly.
             gt_only: yield (None, gt) batches: the LR is made later, on the training device
                 (blind degradation, gan_core.data.realesrgan); `degradation` must be None.
+            make_pair: makes (lq, gt) of a batch of patches with the sampler's generator, instead of
+                `degradation` (a task's `train_pair`, gan_core.tasks); images may then be pairs,
+                uint8 (H, W, 6) arrays (input then target).
 
         Raises:
             ValueError: bad sizes, unknown degradation keys, or no image is large enough.
@@ -167,6 +176,9 @@ class PatchSampler:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if gt_only and degradation is not None:
             raise ValueError("gt_only makes no LR: degradation must be None")
+        if make_pair is not None and degradation is not None:
+            raise ValueError("give make_pair or degradation, not both")
+        self.make_pair = make_pair
         if groups is not None and len(groups) != len(images):
             raise ValueError(f"groups has {len(groups)} labels for {len(images)} images")
         self.patch_size, self.scale, self.batch_size = patch_size, scale, batch_size
@@ -178,7 +190,7 @@ class PatchSampler:
         kept_groups = []
         for index, item in enumerate(images):
             name, image = item if isinstance(item, tuple) else (names[index] if names else f"image-{index}", item)
-            hr = to_chw_uint8(image)
+            hr = to_chw_uint8(image, pairs=make_pair is not None)
             if min(hr.shape[1:]) < patch_size:
                 self.skipped.append(name)
             else:
@@ -213,6 +225,8 @@ class PatchSampler:
         gt = torch.stack(patches)  # (B, 3, p, p)
         if self.gt_only:
             return None, gt
+        if self.make_pair is not None:
+            return self.make_pair(gt, self.generator)
         return make_lq(gt, self.scale, self.degradation, self.generator), gt
 
     def state_dict(self) -> dict:
@@ -286,17 +300,19 @@ def bicubic_upscale(lq: torch.Tensor, scale: int) -> torch.Tensor:
     return imresize(lq, scale).clamp_(0.0, 1.0)
 
 
-def to_chw_uint8(image) -> torch.Tensor:
-    """uint8 (H, W, 3) array or uint8 (3, H, W) tensor -> contiguous uint8 (3, H, W) tensor.
+def to_chw_uint8(image, pairs: bool = False) -> torch.Tensor:
+    """uint8 (H, W, 3) array or uint8 (3, H, W) tensor -> contiguous uint8 (3, H, W) tensor; with `pairs`, also
+    (H, W, 6) / (6, H, W) pairs (input then target, gan_core.tasks).
 
     Raises:
         ValueError: anything else.
     """
+    channels = (3, 6) if pairs else (3,)
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in channels:
             raise ValueError(f"expected a uint8 (H, W, 3) array, got {image.dtype} {image.shape}")
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))  # a writable copy
-    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.dim() == 3 and image.shape[0] == 3:
+    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.dim() == 3 and image.shape[0] in channels:
         return image.contiguous()
     desc = f"{image.dtype} {tuple(image.shape)}" if hasattr(image, "shape") else type(image).__name__
     raise ValueError(f"expected a uint8 (H, W, 3) array or uint8 (3, H, W) tensor, got {desc}")

@@ -1,4 +1,4 @@
-"""Parquet shards of high-resolution training images (PNG bytes plus metadata).
+"""Parquet shards of training images and image pairs (PNG bytes plus metadata).
 
 `write_shards` turns an image folder into `part-00000.parquet`, `part-00001.parquet`,
 ... in a plain folder (no `_metadata` / `_common_metadata` files) that
@@ -10,6 +10,11 @@ or one sub-image:
     width   int32    pixels
     source  string   file name relative to the source folder (POSIX separators)
     tile    string   "y_x" (top-left corner of the sub-image) or "" for a whole image
+    input   binary   PNG bytes of the input image of a pair (noisy / low-light / infrared), cut at the
+                     same window as `image` (the target); null for unpaired data, absent in older shards
+
+Paired shards come from `gan_core.data.paired.write_paired_shards`; `decode_example` turns a row into
+the (H, W, 3) image or the (H, W, 6) input + target stack that training uses.
 
 Sub-images follow BasicSR's scripts/data_preparation/extract_subimages.py, so a
 folder prepared here holds the same crops as BasicSR's DIV2K_train_HR_sub. Images
@@ -17,27 +22,25 @@ too small to train on are skipped: with crop_size, those whose shorter side is
 below it (BasicSR's script fails on them; every row is then a full crop), else
 those below MIN_IMAGE_SIDE.
 
-Folders are walked by `scan_image_folder`: hidden names are skipped, symlinks are
-followed, and what cannot be followed (a broken link, a link loop) is reported,
-never looped on.
+Folders are walked by `scan_image_folder` (gan_core.data.folders): hidden names are
+skipped, symlinks are followed, and what cannot be followed (a broken link, a link
+loop) is reported, never looped on.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
-import stat
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gan_core.data.folders import FolderScan, find_image_files, scan_image_folder  # noqa: F401  (importable here too)
 from gan_core.data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, encode_png
 
 SHARD_SCHEMA = pa.schema(
@@ -47,8 +50,11 @@ SHARD_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("source", pa.string()),
         ("tile", pa.string()),
+        ("input", pa.binary()),
     ]
 )
+OPTIONAL_COLUMNS = ("input",)
+"""Columns that older shards lack; read_shards gives None for them."""
 
 MIN_IMAGE_SIDE = 16
 """Without cropping, images whose shorter side is below this many pixels are skipped. Training cuts
@@ -58,7 +64,7 @@ default) and leaves out smaller images anyway; below 16 px an image is an icon o
 
 @dataclass
 class ShardReport:
-    """What write_shards did.
+    """What write_shards or write_paired_shards did.
 
     Attributes:
         files_read: image files found in the source folder (skipped ones included).
@@ -120,29 +126,6 @@ class NoUsableImagesError(ValueError):
         self.report = report
 
 
-@dataclass
-class FolderScan:
-    """What scan_image_folder found.
-
-    Attributes:
-        files: image files, sorted by path relative to the folder (POSIX separators).
-        unreadable: (path relative to the folder, reason) for each entry that could not be read:
-            broken symlinks, symlinks that resolve to themselves, folders that cannot be listed.
-        not_followed: (path relative to the folder, reason) for each symlinked folder that was not
-            walked because its folder was walked anyway: loops back to a containing folder, and
-            second links to one folder. Nothing under them is missed.
-    """
-
-    files: list[Path] = field(default_factory=list)
-    unreadable: list[tuple[str, str]] = field(default_factory=list)
-    not_followed: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def problems(self) -> list[tuple[str, str]]:
-        """unreadable and not_followed together, in that order."""
-        return self.unreadable + self.not_followed
-
-
 def write_shards(
     src_dir: str | Path,
     out_dir: str | Path,
@@ -192,32 +175,101 @@ def write_shards(
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     if not src_dir.is_dir():
         raise FileNotFoundError(f"write_shards: source folder {src_dir} does not exist")
+    step = check_tiling("write_shards", crop_size, step, thresh_size, min_size, rows_per_shard)
+    scan = scan_image_folder(src_dir)
+    report = ShardReport(files_read=len(scan.files), skipped=list(scan.problems))
+
+    def rows() -> Iterator[dict]:
+        for done, path in enumerate(scan.files, start=1):
+            name = path.relative_to(src_dir).as_posix()
+            try:
+                img = decode_image(path.read_bytes(), name=name)
+            except (ImageDecodeError, OSError) as error:
+                report.skipped.append((name, getattr(error, "reason", str(error))))
+                img = None
+            too_small = None if img is None else too_small_reason(img.shape[0], img.shape[1], crop_size, min_size)
+            if too_small:
+                report.skipped.append((name, too_small))
+            elif img is not None:
+                yield from tile_rows(img, name, crop_size, step, thresh_size)
+            if progress is not None:
+                progress(done, len(scan.files))
+
+    def nothing_usable() -> str:
+        found = (f"{report.files_read} image files, all skipped" if report.files_read
+                 else f"no image files (suffixes {', '.join(IMAGE_EXTENSIONS)}, searched recursively)")
+        return f"no usable image in {src_dir}: {found}"
+
+    return commit_rows(rows(), out_dir, report, rows_per_shard=rows_per_shard, nothing_usable=nothing_usable)
+
+
+def check_tiling(caller: str, crop_size: int | None, step: int | None, thresh_size: int, min_size: int,
+                 rows_per_shard: int) -> int | None:
+    """Validate the size arguments of write_shards / write_paired_shards.
+
+    Returns:
+        The step to use: step, or crop_size // 2 when it is None (None without cropping).
+
+    Raises:
+        ValueError: an argument is out of range, naming the caller.
+    """
     if crop_size is not None and crop_size < 1:
-        raise ValueError(f"write_shards: crop_size must be >= 1, got {crop_size}")
+        raise ValueError(f"{caller}: crop_size must be >= 1, got {crop_size}")
     if crop_size is not None:
         step = crop_size // 2 if step is None else step
         if step < 1:
-            raise ValueError(f"write_shards: step must be >= 1, got {step}")
+            raise ValueError(f"{caller}: step must be >= 1, got {step}")
     if thresh_size < 0 or min_size < 0 or rows_per_shard < 1:
         raise ValueError(
-            f"write_shards: need thresh_size >= 0, min_size >= 0, rows_per_shard >= 1, "
+            f"{caller}: need thresh_size >= 0, min_size >= 0, rows_per_shard >= 1, "
             f"got {thresh_size}, {min_size}, {rows_per_shard}"
         )
-    scan = scan_image_folder(src_dir)
-    report = ShardReport(files_read=len(scan.files), skipped=list(scan.problems))
+    return step
+
+
+def commit_rows(rows: Iterable[dict], out_dir: Path, report: ShardReport, *, rows_per_shard: int,
+                nothing_usable: Callable[[], str]) -> ShardReport:
+    """Write rows into a hidden staging folder in out_dir, then swap them in as part-NNNNN.parquet.
+
+    The safety of write_shards, for every shard writer: out_dir changes only after the last row is
+    written, and then only by renames followed by the deletion of the earlier run's leftover shards.
+
+    Args:
+        rows: shard rows (dicts of SHARD_SCHEMA columns; missing optional ones become null), consumed once.
+        out_dir: the shard folder; created if missing (and removed again if nothing was written).
+        report: filled in: rows_written, shard_paths.
+        rows_per_shard: rows per Parquet file.
+        nothing_usable: called when no row came, for the start of the NoUsableImagesError message.
+
+    Returns:
+        report.
+
+    Raises:
+        NoUsableImagesError: rows was empty (out_dir is unchanged).
+    """
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir / f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staged: list[Path] = []
+    pending: list[dict] = []
+
+    def flush(batch: list[dict]) -> None:
+        path = staging / f"part-{len(staged):05d}.parquet"
+        pq.write_table(pa.Table.from_pylist(batch, schema=SHARD_SCHEMA), path)
+        staged.append(path)
+        report.rows_written += len(batch)
+
     try:
         staging.mkdir()
-        staged = _write_staged_shards(scan.files, src_dir, staging, report, crop_size=crop_size, step=step,
-                                      thresh_size=thresh_size, min_size=min_size, rows_per_shard=rows_per_shard,
-                                      progress=progress)
+        for row in rows:
+            pending.append(row)
+            if len(pending) == rows_per_shard:
+                flush(pending)
+                pending = []
+        if pending:
+            flush(pending)
         if report.rows_written == 0:
-            found = (f"{report.files_read} image files, all skipped" if report.files_read
-                     else f"no image files (suffixes {', '.join(IMAGE_EXTENSIONS)}, searched recursively)")
-            raise NoUsableImagesError(f"no usable image in {src_dir}: {found}; nothing written, {out_dir} is as it was",
-                                      report)
+            raise NoUsableImagesError(f"{nothing_usable()}; nothing written, {out_dir} is as it was", report)
         # The only step that touches what was there: renames within one file system, then deletions.
         for number, path in enumerate(staged):
             final = out_dir / f"part-{number:05d}.parquet"
@@ -231,48 +283,7 @@ def write_shards(
     return report
 
 
-def _write_staged_shards(
-    files: list[Path], src_dir: Path, staging: Path, report: ShardReport, *, crop_size: int | None,
-    step: int | None, thresh_size: int, min_size: int, rows_per_shard: int,
-    progress: Callable[[int, int], None] | None,
-) -> list[Path]:
-    """Decode, cut and write every file's rows into shards in staging; skipped files go into report.
-
-    Returns:
-        The staged shard files, in order (report.rows_written counts their rows).
-    """
-    staged: list[Path] = []
-    pending: list[dict] = []
-
-    def flush(rows: list[dict]) -> None:
-        path = staging / f"part-{len(staged):05d}.parquet"
-        pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), path)
-        staged.append(path)
-        report.rows_written += len(rows)
-
-    for done, path in enumerate(files, start=1):
-        name = path.relative_to(src_dir).as_posix()
-        try:
-            img = decode_image(path.read_bytes(), name=name)
-        except (ImageDecodeError, OSError) as error:
-            report.skipped.append((name, getattr(error, "reason", str(error))))
-            img = None
-        too_small = None if img is None else _too_small(img.shape[0], img.shape[1], crop_size, min_size)
-        if too_small:
-            report.skipped.append((name, too_small))
-        elif img is not None:
-            pending.extend(_rows_of(img, name, crop_size, step, thresh_size))
-        while len(pending) >= rows_per_shard:
-            flush(pending[:rows_per_shard])
-            pending = pending[rows_per_shard:]
-        if progress is not None:
-            progress(done, len(files))
-    if pending:
-        flush(pending)
-    return staged
-
-
-def _too_small(height: int, width: int, crop_size: int | None, min_size: int) -> str | None:
+def too_small_reason(height: int, width: int, crop_size: int | None, min_size: int) -> str | None:
     """Why an image is too small for the shards, or None when it is not."""
     built_in = crop_size if crop_size is not None else MIN_IMAGE_SIDE
     if min(height, width) >= max(built_in, min_size):
@@ -284,123 +295,6 @@ def _too_small(height: int, width: int, crop_size: int | None, min_size: int) ->
     else:
         limit = f"the minimum of {MIN_IMAGE_SIDE} px"
     return f"{width}x{height} px: shorter side below {limit}"
-
-
-def find_image_files(folder: str | Path) -> list[Path]:
-    """Image files under folder (recursive), sorted by relative path; see scan_image_folder.
-
-    Entries that cannot be followed (broken symlinks, symlink loops, folders that
-    cannot be listed) are skipped with a UserWarning each; use scan_image_folder
-    to get them as a list.
-
-    Args:
-        folder: the folder to scan.
-
-    Returns:
-        Paths (folder / relative path) whose suffix, in any case, is in IMAGE_EXTENSIONS.
-
-    Raises:
-        FileNotFoundError: folder does not exist.
-        NotADirectoryError: folder is not a folder.
-    """
-    scan = scan_image_folder(folder)
-    for name, reason in scan.problems:
-        warnings.warn(f"{folder}: skipped {name}: {reason}", UserWarning, stacklevel=2)
-    return scan.files
-
-
-def scan_image_folder(folder: str | Path) -> FolderScan:
-    """Find the image files under folder, recursively, without ever looping or crashing on odd entries.
-
-    - Names starting with "." (files and folders, at any depth) are skipped, silently.
-    - Symlinks are followed, to files and to folders. Each folder is walked once: the
-      real folders first, then the symlinked ones; a symlink back to a folder that
-      contains it (a loop) or to a folder already walked is reported and not followed.
-    - A broken symlink, a symlink the system refuses to resolve (ELOOP: a link to
-      itself, two links to each other) and a subfolder that cannot be listed are
-      reported.
-    - Other files, and entries that are neither file nor folder (sockets, FIFOs),
-      are ignored.
-
-    Args:
-        folder: the folder to scan.
-
-    Returns:
-        A FolderScan: the image files (suffix in IMAGE_EXTENSIONS, any case) as
-        folder / relative path, sorted by relative path, and the problems.
-
-    Raises:
-        FileNotFoundError: folder does not exist.
-        NotADirectoryError: folder is not a folder.
-    """
-    folder = Path(folder)
-    root = os.stat(folder)
-    if not stat.S_ISDIR(root.st_mode):
-        raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(folder))
-    scan = FolderScan()
-    found: list[tuple[str, Path]] = []
-    root_identity = (root.st_dev, root.st_ino)
-    walked = {root_identity: "."}  # folder identity (device, inode) -> the name it was walked under
-    # Items are (path, name relative to folder, identities of the folders above it). Real folders go on
-    # `folders`, symlinked ones wait on `links` until no real folder is left, so that a real folder is
-    # walked under its own name rather than under a link's.
-    folders = [(folder, "", frozenset([root_identity]))]
-    links: list[tuple[Path, str, frozenset, tuple[int, int]]] = []
-    while folders or links:
-        if not folders:
-            path, name, ancestors, identity = links.pop(0)
-            if identity in ancestors:
-                scan.not_followed.append((name, f"symlink loop: leads back to {walked[identity]}, not followed"))
-            elif identity in walked:
-                scan.not_followed.append((name, f"same folder as {walked[identity]}, already scanned, not followed"))
-            else:
-                walked[identity] = name
-                folders.append((path, name, ancestors | {identity}))
-            continue
-        directory, relative, ancestors = folders.pop()
-        try:
-            with os.scandir(directory) as listing:
-                entries = sorted((entry for entry in listing if not entry.name.startswith(".")),
-                                 key=lambda entry: entry.name)
-        except OSError as error:
-            scan.unreadable.append((relative or ".", f"cannot list folder: {error.strerror or error}"))
-            continue
-        subfolders = []
-        for entry in entries:
-            name = f"{relative}/{entry.name}" if relative else entry.name
-            path = directory / entry.name
-            try:
-                info = entry.stat()  # follows symlinks
-            except OSError as error:
-                scan.unreadable.append((name, _unfollowable(path, error)))
-                continue
-            if stat.S_ISDIR(info.st_mode):
-                identity = (info.st_dev, info.st_ino)
-                if entry.is_symlink():
-                    links.append((path, name, ancestors, identity))
-                elif identity in walked:  # a real folder seen twice: a bind mount
-                    reason = f"same folder as {walked[identity]}, already scanned, not followed"
-                    scan.not_followed.append((name, reason))
-                else:
-                    walked[identity] = name
-                    subfolders.append((path, name, ancestors | {identity}))
-            elif stat.S_ISREG(info.st_mode) and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append((name, path))
-        folders.extend(reversed(subfolders))  # popped in name order
-    scan.files = [path for _, path in sorted(found, key=lambda item: item[0])]
-    return scan
-
-
-def _unfollowable(path: Path, error: OSError) -> str:
-    """Why os.stat failed on a folder entry, for the report."""
-    if not path.is_symlink():
-        return f"cannot read: {error.strerror or error}"
-    if error.errno == errno.ELOOP:
-        return "symlink loop: following the link leads back to it"
-    target = os.readlink(path)
-    if error.errno == errno.ENOENT:
-        return f"broken symlink: {target} does not exist"
-    return f"cannot follow symlink to {target}: {error.strerror or error}"
 
 
 def shard_files(path: str | Path) -> list[Path]:
@@ -432,51 +326,90 @@ def read_shards(path: str | Path, columns: list[str] | None = None) -> Iterator[
     Args:
         path: shard folder or file.
         columns: the columns to read (all when None); reading without "image"
-            is cheap, for listing.
+            is cheap, for listing. An OPTIONAL_COLUMNS column that a shard lacks
+            (shards written before it existed) reads as None.
 
     Yields:
         {column: value} dicts.
     """
     for shard in shard_files(path):
-        for batch in pq.ParquetFile(shard).iter_batches(batch_size=64, columns=columns):
-            yield from batch.to_pylist()
+        parquet = pq.ParquetFile(shard)
+        absent = [name for name in columns or () if name in OPTIONAL_COLUMNS and name not in parquet.schema_arrow.names]
+        present = [name for name in columns if name not in absent] if columns is not None else None
+        for batch in parquet.iter_batches(batch_size=64, columns=present):
+            for row in batch.to_pylist():
+                yield {**row, **dict.fromkeys(absent)} if absent else row
+
+
+def decode_example(image_bytes: bytes, input_bytes: bytes | None, name: str) -> np.ndarray:
+    """One shard row as a training example: the image alone, or the input and target of a pair stacked.
+
+    Used by load_shard_images and by the training workers, so that both read rows the same way.
+
+    Args:
+        image_bytes: the row's `image` column (the target of a pair).
+        input_bytes: the row's `input` column, or None for an unpaired row.
+        name: a label for error messages.
+
+    Returns:
+        uint8 (H, W, 3) for an unpaired row; uint8 (H, W, 6) for a pair: channels 0..2 the input,
+        3..5 the target.
+
+    Raises:
+        ImageDecodeError: a stored image is corrupt, or the input's size differs from the target's.
+    """
+    target = decode_image(image_bytes, name=name)
+    if input_bytes is None:
+        return target
+    source = decode_image(input_bytes, name=f"{name} (input)")
+    if source.shape != target.shape:
+        raise ImageDecodeError(name, f"input is {source.shape[1]}x{source.shape[0]} px, "
+                                     f"target {target.shape[1]}x{target.shape[0]} px")
+    return np.concatenate([source, target], axis=2)
 
 
 def load_shard_images(path: str | Path) -> list[tuple[str, np.ndarray]]:
-    """Decode every image of the shards into memory.
+    """Decode every row of the shards into memory (see decode_example).
 
     Args:
         path: shard folder or file.
 
     Returns:
-        (name, uint8 (H, W, 3) array) pairs; the name is the source file,
-        followed by "@y_x" for a sub-image.
+        (name, uint8 array) pairs: (H, W, 3) for unpaired rows, (H, W, 6) (input, target) for
+        pairs; the name is the source file, followed by "@y_x" for a sub-image.
 
     Raises:
         ImageDecodeError: a stored image is corrupt.
     """
     images = []
-    for row in read_shards(path, columns=["image", "source", "tile"]):
+    for row in read_shards(path, columns=["image", "input", "source", "tile"]):
         name = f"{row['source']}@{row['tile']}" if row["tile"] else row["source"]
-        images.append((name, decode_image(row["image"], name=name)))
+        images.append((name, decode_example(row["image"], row["input"], name)))
     return images
 
 
-def _rows_of(img: np.ndarray, name: str, crop_size: int | None, step: int | None, thresh_size: int) -> list[dict]:
-    """The shard rows of one decoded image: the whole image or its sub-images."""
+def tile_rows(img: np.ndarray, name: str, crop_size: int | None, step: int | None, thresh_size: int, *,
+              encode_input: Callable[[np.ndarray], bytes] = encode_png) -> Iterator[dict]:
+    """The shard rows of one decoded image or pair: the whole of it, or its sub-images.
+
+    Args:
+        img: uint8 (H, W, 3), or (H, W, 6) for a pair (input, target), cut at the same windows.
+        name: the `source` of the rows.
+        crop_size, step, thresh_size: as write_shards (step already resolved); crop_size None: one row.
+        encode_input: PNG encoder of a pair's input window (H, W, 3).
+    """
     height, width = img.shape[:2]
-    if crop_size is None:
-        return [_row(img, name, "")]
-    return [
-        _row(img[y : y + crop_size, x : x + crop_size], name, f"{y}_{x}")
-        for y in subimage_starts(height, crop_size, step, thresh_size)
-        for x in subimage_starts(width, crop_size, step, thresh_size)
-    ]
-
-
-def _row(img: np.ndarray, source: str, tile: str) -> dict:
-    return {"image": encode_png(np.ascontiguousarray(img)), "height": img.shape[0], "width": img.shape[1],
-            "source": source, "tile": tile}
+    windows = ([(0, 0, "")] if crop_size is None else
+               [(y, x, f"{y}_{x}") for y in subimage_starts(height, crop_size, step, thresh_size)
+                for x in subimage_starts(width, crop_size, step, thresh_size)])
+    size = crop_size or max(height, width)
+    for y, x, tile in windows:
+        window = img[y : y + size, x : x + size]  # (h, w, 3 or 6)
+        row = {"image": encode_png(np.ascontiguousarray(window[..., -3:])), "height": window.shape[0],
+               "width": window.shape[1], "source": name, "tile": tile}
+        if img.shape[2] == 6:
+            row["input"] = encode_input(np.ascontiguousarray(window[..., :3]))
+        yield row
 
 
 def _remove_if_empty(folder: Path) -> None:
