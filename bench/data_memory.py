@@ -72,7 +72,7 @@ def bench_worker(config: dict) -> None:
         batches = iter(StreamBatches(shard, batch_size=cfg.data.batch_size, prefetch_batches=cfg.data.prefetch_batches))
         held = 0
     else:
-        images, _ = decode_rows(((row["image"], None) for row in shard.iter_rows()), rank)
+        images, _ = decode_rows(((row["image"], None, None) for row in shard.iter_rows()), rank)
         held = len(images)
         batches = iter(loop.make_sampler(cfg, images, rank=rank))
     next(batches)

@@ -68,7 +68,9 @@ def build_state(cfg: Config, device: torch.device, init_generator: str | Path | 
     if cfg.train.ema_decay > 0:
         state.generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
     if cfg.gan_enabled:
-        discriminator = build_discriminator(**cfg.discriminator.kwargs()).to(device, memory_format=memory_format)
+        # D sees G's outputs and the targets: as many channels as G puts out (1 for gray tasks and fusion).
+        discriminator = build_discriminator(**cfg.discriminator.kwargs(), num_in_ch=cfg.generator.num_out_ch)
+        discriminator = discriminator.to(device, memory_format=memory_format)
         d_optimizer = torch.optim.Adam(
             discriminator.parameters(), lr=cfg.optim.d_lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
         )

@@ -27,9 +27,14 @@ from torch import nn
 from gan_core.config import Config, config_from_dict
 from gan_core.files import atomic_torch_save
 from gan_core.models import RRDBNet, build_generator, generator_config
-from gan_core.models.basicsr import pick_state_dict, rrdb_kwargs_from_state_dict, strip_wrapper_prefixes
+from gan_core.models.basicsr import (
+    pick_state_dict,
+    rrdb_kwargs_from_state_dict,
+    strip_wrapper_prefixes,
+)
 from gan_core.portable import ARCH_HELP, FORMAT, parse_arch, read_safetensors
 from gan_core.step import TrainState, unwrap
+from gan_core.task_config import TaskSection
 
 CHECKPOINT_FORMAT = FORMAT
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -195,14 +200,33 @@ def export_generator(checkpoint: str | Path, out_file: str | Path, use_ema: bool
     """
     payload = read_checkpoint(checkpoint)
     weights = payload["generator_ema"] if use_ema and payload.get("generator_ema") is not None else payload["generator"]
-    return _write_generator_file(out_file, payload["config"]["generator"], weights, int(payload["step"]))
+    return _write_generator_file(out_file, payload["config"]["generator"], weights, int(payload["step"]),
+                                 task=payload["config"].get("task"))
 
 
 def _write_generator_file(path: str | Path, config: dict[str, Any], weights: dict[str, torch.Tensor],
-                          step: int) -> Path:
+                          step: int, task: dict[str, Any] | None = None) -> Path:
     payload = {"format": CHECKPOINT_FORMAT, "config": {"generator": dict(config)}, "step": step,
                "generator": weights, "generator_ema": None}
+    if task is not None:
+        payload["config"]["task"] = dict(task)
     return atomic_torch_save(payload, path)
+
+
+def generator_task(path: str | Path) -> TaskSection:
+    """The task a checkpoint or generator file was trained for (its config's `task` section); super-resolution for
+    files that do not say (plain weights, files written before tasks existed).
+
+    Raises:
+        FileNotFoundError: nothing at `path`.
+    """
+    file = _resolve_file(path)
+    if file.suffix == ".safetensors":
+        return TaskSection()
+    obj = _torch_load(file, "cpu")
+    config = obj.get("config") if isinstance(obj, dict) else None
+    task = config.get("task") if isinstance(config, dict) else None
+    return TaskSection.model_validate(task) if isinstance(task, dict) else TaskSection()
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from gan_core.blind_config import BlindDegradationSection, DegradationOrderSection  # noqa: F401 (re-exported)
 from gan_core.config_base import ConfigError, _Section
+from gan_core.task_config import TASK_METRIC_KEYS, TaskSection, check_task_fits  # noqa: F401 (re-exported)
 
 
 class GeneratorSection(_Section):
@@ -221,7 +222,7 @@ class RunSection(_Section):
     experiment: str = "gan-enhance"  # MLflow experiment
     storage_path: str = "ray_results"  # local folder, NFS path or s3:// URI for checkpoints
     num_to_keep: int = Field(3, ge=1)
-    checkpoint_metric: str = "val/psnr_y"
+    checkpoint_metric: str = "val/psnr_y"  # fusion runs default to val/qabf (Config._task_defaults)
     checkpoint_mode: Literal["max", "min"] = "max"
     max_failures: int = Field(1, ge=0)  # worker-group restarts from the latest checkpoint
 
@@ -229,6 +230,7 @@ class RunSection(_Section):
 class Config(_Section):
     """A whole training run."""
 
+    task: TaskSection = Field(default_factory=TaskSection)
     generator: GeneratorSection = Field(default_factory=GeneratorSection)
     discriminator: DiscriminatorSection = Field(default_factory=DiscriminatorSection)
     loss: LossSection = Field(default_factory=LossSection)
@@ -237,6 +239,22 @@ class Config(_Section):
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
     run: RunSection = Field(default_factory=RunSection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, data: Any) -> Any:
+        """A fusion run has no PSNR: unless the config names one, its checkpoints are ranked by val/qabf."""
+        if not isinstance(data, dict) or not isinstance(data.get("task"), dict):
+            return data
+        run = data.get("run") or {}
+        if data["task"].get("name") == "fusion" and isinstance(run, dict) and "checkpoint_metric" not in run:
+            data = {**data, "run": {**run, "checkpoint_metric": TaskSection(name="fusion").default_checkpoint_metric}}
+        return data
+
+    @model_validator(mode="after")
+    def _task_fits(self) -> Config:
+        check_task_fits(self, degradation_default=DegradationSection())
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

@@ -49,7 +49,7 @@ def export_onnx(generator: nn.Module, out_file: str | Path, *, example_size: int
         The written path. The graph takes `lq` (N, 3, H, W) float32 in [0, 1] and returns `sr`.
     """
     model = copy.deepcopy(generator).cpu().eval()
-    example = torch.rand(1, 3, example_size, example_size)
+    example = torch.rand(1, generator.arch["num_in_ch"], example_size, example_size)
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():

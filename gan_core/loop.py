@@ -35,11 +35,12 @@ from torch import nn
 from gan_core.build import build_state
 from gan_core.checkpoint import load_checkpoint, load_sampler_state, save_checkpoint, save_sampler_state
 from gan_core.config import Config
-from gan_core.data import PatchSampler, validation_pair
+from gan_core.data import PatchSampler
 from gan_core.data.realesrgan import BlindPairs
 from gan_core.manifest import checkpoint_problem, write_manifest
 from gan_core.schedules import set_base_lr
-from gan_core.scoring import BlindValidationPairs, evaluate_images, load_eval_images, load_lpips, mean_metrics, sample_grid
+from gan_core.scoring import evaluate_images, load_eval_images, load_lpips, mean_metrics, sample_grid
+from gan_core.tasks import build_task
 from gan_core.step import TrainState, phase, train_step, unwrap
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -171,10 +172,12 @@ def make_sampler(cfg: Config, images: list, *, rank: int = 0, sources: list[str]
         seed: the data seed (default train.seed; `resized_data_seed` after an elastic resize).
     """
     data = cfg.data
+    # The task makes each (lq, gt) batch from the patches (images, or pairs of input and target); blind SR makes
+    # its LR later, on the device.
     sampler = PatchSampler(
         images, patch_size=data.patch_size, scale=cfg.generator.scale, batch_size=data.batch_size,
         seed=cfg.train.seed if seed is None else seed, rank=rank, hflip=data.hflip, rot90=data.rot90, color_jitter=data.color_jitter,
-        degradation=None if data.blind is not None else data.degradation.model_dump(),
+        make_pair=None if data.blind is not None else build_task(cfg).train_pair,
         groups=sources if data.sampling == "source" else None, gt_only=data.blind is not None,
     )
     if sampler_state is not None:
@@ -218,14 +221,14 @@ def device_batches(batches: Iterable[SourceBatch], device: torch.device, cfg: Co
 
 
 def load_validation_images(cfg: Config) -> list[np.ndarray]:
-    """The validation HR images of `data.val` (images or shards), at most `data.max_val_images`, cropped
-    to `data.val_crop`.
+    """The validation examples of `data.val` (images, shards, or a paired folder in the task's layout), at most
+    `data.max_val_images`, cropped to `data.val_crop`.
 
     Raises:
         FileNotFoundError: data.val is missing or holds no readable image.
     """
     try:
-        named = load_eval_images(cfg.data.val, cfg.data.max_val_images, cfg.data.val_crop)
+        named = load_eval_images(cfg.data.val, cfg.data.max_val_images, cfg.data.val_crop, task=cfg.task.name)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"data.val: {err} (run `python -m jobs.prepare_data --demo` for the demo)") from None
     return [img for _, img in named]
@@ -254,18 +257,18 @@ def validator(state: TrainState, images: list[np.ndarray], cfg: Config, device: 
         A function returning `val/<metric>` means over all images (the EMA generator when there is one).
     """
     mine = images[rank::world_size]
-    # A blind run is validated on its own kind of input: the photos degraded by data.blind, seeded per image.
-    make_pair = BlindValidationPairs(cfg.data.blind, seed=cfg.train.seed) if cfg.data.blind is not None else validation_pair
+    # The task makes each validation pair (a blind run: the photos degraded by data.blind, seeded per image) and
+    # scores it with its own metrics and baseline.
+    task = build_task(cfg)
 
     def validate() -> dict[str, float]:
         model = state.generator_ema or unwrap(state.generator)
         was_training = model.training
         model.eval()
-        sums = evaluate_images(model, mine, cfg.generator.scale, device, lpips=lpips, bf16=cfg.train.bf16,
-                               make_pair=make_pair)
+        sums = evaluate_images(model, mine, cfg.generator.scale, device, lpips=lpips, bf16=cfg.train.bf16, task=task)
         sums = _sum_over_workers(sums, device)
         if on_sample is not None:
-            on_sample(sample_grid(model, images[0], cfg.generator.scale, device, make_pair), state.step)
+            on_sample(sample_grid(model, images[0], cfg.generator.scale, device, task=task), state.step)
         model.train(was_training)
         return {f"val/{key}": value for key, value in mean_metrics(sums).items()}
 
@@ -369,9 +372,8 @@ def fit(state: TrainState, batches: Iterator[Batch], cfg: Config, hooks: Hooks =
         if validation_due:
             last = hooks.validate() | {"step": step, "perf/img_per_s": img_per_s}
             hooks.log({k: v for k, v in last.items() if k != "step"}, step)
-            if rank == 0 and "val/psnr_y" in last:
-                print(f"[val] step {step}: PSNR-Y {last['val/psnr_y']:.3f} dB (bicubic {last['val/bicubic_psnr_y']:.3f}, "
-                      f"gain {last['val/gain_psnr_y']:+.3f}), SSIM-Y {last['val/ssim_y']:.4f}", flush=True)
+            if rank == 0:
+                _print_validation(step, last)
             directory = hooks.checkpoint() if checkpoint_due else None
             try:
                 hooks.report(last, directory)
@@ -402,6 +404,18 @@ def _window_means(window: _Window, device: torch.device) -> dict[str, float]:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(stats)
     return {k: total / count for k, (total, count) in zip(keys, stats.tolist())}
+
+
+def _print_validation(step: int, metrics: dict[str, float]) -> None:
+    """One line: the output's main metric, its baseline's and the gain (SR, denoise, lowlight: PSNR-Y; fusion: Q^AB/F)."""
+    for metric, unit, baselines in (("psnr_y", " dB", ("bicubic", "input")), ("qabf", "", ("average",))):
+        for baseline in baselines:
+            if f"val/{metric}" in metrics and f"val/{baseline}_{metric}" in metrics:
+                value, base = metrics[f"val/{metric}"], metrics[f"val/{baseline}_{metric}"]
+                extra = f", SSIM-Y {metrics['val/ssim_y']:.4f}" if "val/ssim_y" in metrics else ""
+                print(f"[val] step {step}: {metric.upper().replace('_Y', '-Y')} {value:.4f}{unit} ({baseline} {base:.4f}, "
+                      f"gain {value - base:+.4f}){extra}", flush=True)
+                return
 
 
 def _check_finite(means: dict[str, float], step: int) -> None:

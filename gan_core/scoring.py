@@ -19,37 +19,47 @@ from torch import nn
 
 from gan_core.data import (
     ImageDecodeError,
-    bicubic_upscale,
     find_image_files,
     load_image,
     load_shard_images,
     validation_pair,
 )
-from gan_core.metrics import psnr, rgb_to_y, ssim
+from gan_core.metrics import rgb_to_y
+from gan_core.task_config import TASK_METRIC_KEYS
+from gan_core.tasks import SuperResolution, Task, to_uint8  # noqa: F401 (to_uint8 re-exported)
 from gan_core.weights import MissingWeightsError
 
-METRIC_KEYS = ("psnr", "ssim", "psnr_y", "ssim_y", "bicubic_psnr_y", "bicubic_ssim_y", "hf_ratio", "bicubic_hf_ratio")
+METRIC_KEYS = TASK_METRIC_KEYS["sr"][:-2]  # super-resolution's summed keys (other tasks: TASK_METRIC_KEYS)
 # What `mean_metrics` returns: the summed keys, the gain over bicubic, and LPIPS when its weights exist.
-REPORTED_KEYS = (*METRIC_KEYS, "gain_psnr_y", "lpips")
+REPORTED_KEYS = tuple(dict.fromkeys(key for keys in TASK_METRIC_KEYS.values() for key in keys))  # every task's
 # Added by `evaluate_generator_checked`: images whose output held a NaN or Inf (scored as if black).
 NONFINITE_KEY = "nonfinite_images"
 
 
 def load_eval_images(path: str | Path, max_images: int | None = None, crop: int | None = None,
-                     ) -> list[tuple[str, np.ndarray]]:
-    """Held-out HR images from a folder of images (recursive, hidden files skipped), one image file, or
-    Parquet shards; sorted, at most `max_images`, optionally centre-cropped to `crop`.
+                     task: str = "sr") -> list[tuple[str, np.ndarray]]:
+    """Held-out examples from a folder of images (recursive, hidden files skipped), one image file, Parquet
+    shards, or (denoise, lowlight, fusion) a paired folder in the task's layout (noisy/ clean/, low/ high/,
+    ir/ vi/: H x W x 6 examples, gan_core.data.paired); sorted, at most `max_images`, optionally centre-cropped
+    to `crop`.
 
-    Unreadable files are skipped with a warning on stderr.
+    Unreadable files, and pairs that cannot be used (no partner, two sizes, a colour infrared image), are
+    skipped with a warning on stderr.
 
     Raises:
-        FileNotFoundError: nothing at `path`, or no readable image there.
+        FileNotFoundError: nothing at `path`, no readable image there, or (fusion) no ir/ and vi/ folders.
     """
+    from gan_core.data.paired import PAIR_LAYOUTS, is_paired_folder, load_pairs
+
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such folder or file")
     if (root.is_file() and root.suffix == ".parquet") or (root.is_dir() and any(root.glob("*.parquet"))):
         named = load_shard_images(root)
+    elif task in PAIR_LAYOUTS and (task == "fusion" or is_paired_folder(root, task)):
+        named, problems = load_pairs(root, task, gray_input=task == "fusion")  # fusion has no unpaired form
+        for name, reason in problems:
+            print(f"skipping pair {name}: {reason}", file=sys.stderr)
     else:
         named = []
         for file in [root] if root.is_file() else find_image_files(root):
@@ -81,19 +91,21 @@ def pick_device(name: str | None = None) -> torch.device:
 
 
 def evaluate_generator(generator: nn.Module, images: list[np.ndarray], device: torch.device,
-                       lpips: nn.Module | None = None, make_pair: PairMaker = validation_pair) -> dict[str, float]:
-    """Mean metrics of `generator` on HR `images` at its own scale, plus `images`, the count."""
+                       lpips: nn.Module | None = None, make_pair: PairMaker | None = None,
+                       task: Task | None = None) -> dict[str, float]:
+    """Mean metrics of `generator` on held-out `images` at its own scale (the task's metrics, super-resolution by
+    default), plus `images`, the count."""
     generator = generator.to(device).eval()
     if lpips is not None:
         lpips = lpips.to(device)
     means = mean_metrics(evaluate_images(generator, images, int(generator.scale), device, lpips=lpips,
-                                         make_pair=make_pair))
+                                         make_pair=make_pair, task=task))
     means["images"] = float(len(images))
     return means
 
 
 def evaluate_generator_checked(generator: nn.Module, images: list[np.ndarray], device: torch.device,
-                               lpips: nn.Module | None = None) -> dict[str, float]:
+                               lpips: nn.Module | None = None, task: Task | None = None) -> dict[str, float]:
     """`evaluate_generator`'s means plus `nonfinite_images`: how many images came out with a NaN or Inf.
 
     Scoring rounds outputs to uint8 (`to_uint8`), which turns NaN into black pixels with only a numpy
@@ -110,7 +122,7 @@ def evaluate_generator_checked(generator: nn.Module, images: list[np.ndarray], d
 
     hook = generator.register_forward_hook(count)
     try:
-        means = evaluate_generator(generator, images, device, lpips)
+        means = evaluate_generator(generator, images, device, lpips, task=task)
     finally:
         hook.remove()
     means[NONFINITE_KEY] = float(sum(nonfinite))
@@ -182,12 +194,6 @@ class BlindValidationPairs:
         return degrade(gt), gt
 
 
-def to_uint8(img: torch.Tensor) -> np.ndarray:
-    """(1, 3, H, W) or (3, H, W) float in [0, 1] -> HxWx3 uint8, rounded as BasicSR's tensor2img."""
-    img = img.detach().float().squeeze(0).clamp(0, 1)
-    return (img.permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
-
-
 def center_crop(img: np.ndarray, size: int | None) -> np.ndarray:
     """Centre crop of an HxWxC array to at most size x size (None keeps it whole)."""
     if size is None:
@@ -206,65 +212,71 @@ def evaluate_images(
     *,
     lpips: nn.Module | None = None,
     bf16: bool = False,
-    make_pair: PairMaker = validation_pair,
+    make_pair: PairMaker | None = None,
+    task: Task | None = None,
 ) -> dict[str, float]:
-    """Score `generator` on HR images degraded with MATLAB-style bicubic downscaling (or `make_pair`).
+    """Score `generator` on held-out examples with the task's metrics and baseline (gan_core.tasks).
 
-    PSNR/SSIM are computed on uint8 images, RGB and Y channel, with crop border = scale, exactly
-    as BasicSR; the bicubic upscale of the same LR input is scored alongside as the baseline.
-    `hf_ratio` (see `hf_ratio`) is the output's high-frequency energy over the HR image's, per image.
+    Super-resolution (the default task): HR images degraded with MATLAB-style bicubic downscaling (or
+    `make_pair`); PSNR/SSIM on uint8 images, RGB and Y channel, crop border = scale, exactly as BasicSR; the
+    bicubic upscale of the same LR input scored alongside; `hf_ratio` (see `hf_ratio`) per image. Other tasks
+    score as their `score` says (TASK_METRIC_KEYS).
 
     Args:
         generator: the model to score (put in eval mode by the caller).
-        images: HR images, uint8 HxWx3 RGB.
-        scale: the super-resolution factor.
+        images: held-out examples: uint8 H x W x 3 images, or H x W x 6 pairs (gan_core.tasks).
+        scale: the super-resolution factor (1 for the other tasks).
         device: where to run the generator.
-        lpips: an LPIPS module; its `metric_name` names the summed key.
+        lpips: an LPIPS module; its `metric_name` names the summed key (RGB outputs only).
         bf16: run the generator under bf16 autocast.
-        make_pair: makes (lq, gt) of an HR image; `BlindValidationPairs` for blind SR. The bicubic baseline
-            always upscales the same lq.
+        make_pair: makes (lq, gt) of an example instead of the task's `val_pair` (e.g. `BlindValidationPairs`).
+        task: the task (default: super-resolution at `scale`).
 
     Returns:
-        Sums over the images of each metric in METRIC_KEYS (plus the LPIPS key), and `count`.
+        Sums over the images of each metric (plus the LPIPS key), and `count`.
     """
-    sums = {key: 0.0 for key in METRIC_KEYS}
-    if lpips is not None:
+    task = task or SuperResolution(scale=scale)
+    make_pair = make_pair or task.val_pair
+    # Every key from the start, also for a worker whose slice is empty: the workers all-reduce the same keys.
+    summed = [key for key in TASK_METRIC_KEYS[task.name] if not key.startswith("gain_") and key != "lpips"]
+    sums: dict[str, float] = dict.fromkeys(summed, 0.0)
+    if lpips is not None and task.output_channels == 3:
         sums[lpips.metric_name] = 0.0
-    for hr in images:
-        lq, gt = make_pair(hr, scale)
+    for example in images:
+        lq, gt = make_pair(example, scale)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else torch.autocast(device.type, enabled=False)
         with autocast:
-            sr = generator(lq.to(device)).float()
-        sr_img, gt_img = to_uint8(sr), to_uint8(gt)
-        bicubic_img = to_uint8(bicubic_upscale(lq, scale))
-        sums["psnr"] += psnr(sr_img, gt_img, crop_border=scale)
-        sums["ssim"] += ssim(sr_img, gt_img, crop_border=scale)
-        sums["psnr_y"] += psnr(sr_img, gt_img, crop_border=scale, y_channel=True)
-        sums["ssim_y"] += ssim(sr_img, gt_img, crop_border=scale, y_channel=True)
-        sums["bicubic_psnr_y"] += psnr(bicubic_img, gt_img, crop_border=scale, y_channel=True)
-        sums["bicubic_ssim_y"] += ssim(bicubic_img, gt_img, crop_border=scale, y_channel=True)
-        sums["hf_ratio"] += hf_ratio(sr_img, gt_img, crop_border=scale)
-        sums["bicubic_hf_ratio"] += hf_ratio(bicubic_img, gt_img, crop_border=scale)
-        if lpips is not None:
-            sums[lpips.metric_name] += float(lpips(sr.clamp(0, 1), gt.to(device)).mean())
+            out = generator(lq.to(device)).float()
+        scores = task.score(out.cpu(), lq, gt)
+        if lpips is not None and task.output_channels == 3:
+            scores[lpips.metric_name] = float(lpips(out.clamp(0, 1), gt.to(device)).mean())
+        for key, value in scores.items():
+            sums[key] = sums.get(key, 0.0) + value
     sums["count"] = float(len(images))
     return sums
 
 
+# (metric, baseline): mean_metrics adds gain_<metric>, the output's metric minus its baseline's.
+GAINS = (("psnr_y", "bicubic_psnr_y"), ("psnr_y", "input_psnr_y"), ("qabf", "average_qabf"))
+
+
 def mean_metrics(sums: dict[str, float]) -> dict[str, float]:
-    """Divide summed metrics by their count; add `gain_psnr_y` (dB over bicubic)."""
+    """Divide summed metrics by their count; add the gain over the task's baseline (`GAINS`): `gain_psnr_y`
+    (dB over bicubic, or over the input) or `gain_qabf` (over the average of the fusion inputs)."""
     count = max(sums.get("count", 0.0), 1.0)
     means = {key: value / count for key, value in sums.items() if key != "count"}
-    if "psnr_y" in means:
-        means["gain_psnr_y"] = means["psnr_y"] - means["bicubic_psnr_y"]
+    for metric, baseline in GAINS:
+        if metric in means and baseline in means:
+            means[f"gain_{metric}"] = means[metric] - means[baseline]
     return means
 
 
 @torch.no_grad()
-def sample_grid(generator: nn.Module, hr: np.ndarray, scale: int, device: torch.device,
-                make_pair: PairMaker = validation_pair) -> np.ndarray:
-    """One validation image side by side: LR (nearest-upscaled) | output | HR, as uint8 HxWx3."""
-    lq, gt = make_pair(hr, scale)
-    sr = generator(lq.to(device)).float().cpu()
-    lq_big = torch.nn.functional.interpolate(lq, scale_factor=scale, mode="nearest")
-    return np.concatenate([to_uint8(lq_big), to_uint8(sr), to_uint8(gt)], axis=1)
+def sample_grid(generator: nn.Module, example: np.ndarray, scale: int, device: torch.device,
+                make_pair: PairMaker | None = None, task: Task | None = None) -> np.ndarray:
+    """One held-out example side by side as uint8 H x W x 3, as the task shows it: LR (nearest-upscaled) |
+    output | HR for super-resolution, input | output | target, or IR | visible | fused."""
+    task = task or SuperResolution(scale=scale)
+    lq, gt = (make_pair or task.val_pair)(example, scale)
+    out = generator(lq.to(device)).float().cpu()
+    return np.concatenate(task.panels(lq, out, gt), axis=1)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from gan_core.config import Config
+from gan_core.tasks import build_task
 from gan_core.losses import (
     PIXEL_LOSSES,
     discriminator_adversarial_loss,
@@ -102,7 +103,9 @@ def g_step(
         fake = generator(lq)  # (B, C, H, W)
     fake32 = fake.float()
     losses: dict[str, torch.Tensor] = {}
-    total = loss_cfg.pixel_weight * PIXEL_LOSSES[loss_cfg.pixel](fake32, gt)
+    # The task's content term: the pixel loss against the target, or (fusion) FusionGAN's IR-intensity and
+    # visible-gradient loss against the inputs.
+    total = loss_cfg.pixel_weight * build_task(cfg).content_loss(fake32, lq, gt, PIXEL_LOSSES[loss_cfg.pixel])
     losses["g/pix"] = total
     if perceptual is not None and loss_cfg.perceptual_weight > 0:
         losses["g/percep"] = loss_cfg.perceptual_weight * perceptual(fake32, gt).mean()

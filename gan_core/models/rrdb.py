@@ -99,7 +99,9 @@ class RRDBNet(nn.Module):
         upsample_skip: "none" (ESRGAN, BasicSR-exact), or "nearest" / "bilinear" / "bicubic": add that
             upsampling of the input to the output, so the network learns only the residual detail (as
             Real-ESRGAN's SRVGGNetCompact does). `conv_last` then starts at zero, so the untrained model
-            already equals the interpolation; short CPU runs converge much faster. Keys are unchanged.
+            already equals the interpolation; short CPU runs converge much faster. Keys are unchanged. With
+            one output channel and several input channels (IR + visible fusion) the skip is the interpolated
+            mean of the input channels: the untrained model is the plain average of its inputs.
 
     Raises:
         ValueError: If `scale` is not 1, 2 or 4, or `upsample_skip` is unknown.
@@ -121,13 +123,15 @@ class RRDBNet(nn.Module):
             raise ValueError(f"RRDBNet scale must be one of {sorted(_UNSHUFFLE_FACTOR)}, got {scale!r}")
         if upsample_skip not in UPSAMPLE_SKIPS:
             raise ValueError(f"upsample_skip must be one of {UPSAMPLE_SKIPS}, got {upsample_skip!r}")
-        if upsample_skip != "none" and num_in_ch != num_out_ch:
-            raise ValueError("upsample_skip needs num_in_ch == num_out_ch")
+        if upsample_skip != "none" and num_in_ch != num_out_ch and num_out_ch != 1:
+            raise ValueError("upsample_skip needs num_in_ch == num_out_ch, or one output channel (the skip is then "
+                             "the mean of the input channels)")
         # The constructor arguments: what rebuilds this network (generator files and exports store them).
         self.arch = {"num_in_ch": num_in_ch, "num_out_ch": num_out_ch, "scale": scale, "num_feat": num_feat,
                      "num_block": num_block, "num_grow_ch": num_grow_ch, "res_scale": float(res_scale),
                      "upsample_skip": upsample_skip}
         self.upsample_skip = upsample_skip
+        self.mean_skip = num_in_ch != num_out_ch  # a plain bool: torch.fx traces no branch on a shape
         self.scale = scale
         self.res_scale = res_scale
         self.unshuffle = _UNSHUFFLE_FACTOR[scale]
@@ -154,6 +158,8 @@ class RRDBNet(nn.Module):
         out = self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2, inplace=True))
         if self.upsample_skip == "none":
             return out
+        if self.mean_skip:  # several inputs, one output: start from their average
+            x = x.mean(dim=1, keepdim=True)
         base = F.interpolate(x, scale_factor=self.scale, mode=self.upsample_skip,
                              align_corners=False if self.upsample_skip != "nearest" else None)
         return out + base

@@ -19,7 +19,8 @@ from typing import Any
 
 from gan_core import loop
 from gan_core.config import config_from_dict
-from gan_core.data import ImageDecodeError, decode_image
+from gan_core.data import ImageDecodeError
+from gan_core.data.shards import decode_example
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -91,7 +92,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                   flush=True)
             sampler_state = None
         rows = ray.train.get_dataset_shard("train").iter_rows()
-        images, sources = decode_rows(((row["image"], row.get("source")) for row in rows), rank)
+        images, sources = decode_rows(((row["image"], row.get("input"), row.get("source")) for row in rows), rank)
         sampler = loop.make_sampler(cfg, images, rank=rank, sources=sources, sampler_state=sampler_state,
                                     seed=data_seed)
         photos = f" from {len(set(sources))} source photos" if cfg.data.sampling == "source" else ""
@@ -171,15 +172,16 @@ def record_worker_group(step: int, rank: int, world_size: int, batch_size: int, 
 
 
 def decode_rows(rows, rank: int) -> tuple[list, list]:
-    """Decode this worker's shard rows of (encoded image, source photo); undecodable rows are skipped and counted.
+    """Decode this worker's shard rows of (encoded image, encoded input of a pair or None, source photo) into
+    examples (an image, or a pair's input and target stacked); undecodable rows are skipped and counted.
 
     Raises:
         RuntimeError: no row decoded.
     """
     images, sources, skipped = [], [], []
-    for index, (data, source) in enumerate(rows):
+    for index, (data, input_data, source) in enumerate(rows):
         try:
-            images.append(decode_image(data, name=f"row {index}"))
+            images.append(decode_example(data, input_data, name=f"row {index}"))
             sources.append(source)
         except ImageDecodeError as err:
             skipped.append(str(err))
