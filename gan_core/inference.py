@@ -2,9 +2,29 @@
 
 Each tile is run with `tile_overlap` pixels of real context on every side and only its centre is
 kept, so seams do not show (the Real-ESRGAN scheme). With an overlap at least as large as the
-generator's receptive radius (about 18 LR pixels for `rrdb_tiny`, far more for ESRGAN's 23 blocks)
+generator's receptive radius (about 18 LR pixels for `rrdb_tiny`, far more for ESRGAN's 23 blocks;
+a x1 RRDB works at quarter resolution, so its radius in input pixels is about four times its depth)
 the result equals a whole-image pass up to float rounding; smaller overlaps trade exactness for
 less recomputation.
+
+Channels. The low-level functions (`enhance_tensor`, `enhance_image`, `enhance_bands`) take the
+generator's input as it is: uint8 H x W x C, C = the generator's `num_in_ch`, and give its output:
+uint8 H x W x 3 for RGB generators, H x W for one output channel. What a user has is an RGB image
+(and, for fusion, an infrared one too); `model_input` turns that into the generator's input, and
+`enhance` does the whole way, image in, image out:
+
+    in -> out   task                    model_input(generator, image, ir)
+    3 -> 3      sr, denoise, lowlight   the RGB image
+    1 -> 1      gray denoise, lowlight  its full-range luma (gan_core.tasks.LUMA, as PIL's "L")
+    2 -> 1      fusion                  (infrared gray level, visible luma), same size
+
+    out = enhance(generator, rgb, generator.scale)                       # HxWx3, or HxW for gray models
+    fused = enhance(fusion_generator, visible_rgb, 1, ir=infrared)       # in colour if the visible image is
+
+A fusion generator outputs the fused luma. When the visible image has colour, `enhance` gives it back
+in colour by default (`recolour`): the visible image's YCbCr (full-range BT.601, JPEG's and PIL's
+"YCbCr") with Y replaced by the fused luma, converted back to RGB; `colour=False` keeps the gray
+fused image. A gray visible image gives a gray (H x W) result.
 
 Generators that pixel-unshuffle their input (RRDBNet at scale 2 and 1) need H and W divisible by
 2 or 4: the whole image is padded once (reflect) to that multiple and the tile grid is aligned
@@ -14,9 +34,9 @@ Memory. A tiled `enhance_image` never holds the image's float32 output (12 * sca
 input pixel, 192 at x4, and as much again while rounding it): each tile's centre is rounded to
 uint8 as soon as it is computed (`to_uint8`, BasicSR's tensor2img; rounding is per pixel, so
 doing it tile by tile changes nothing) and copied into place. It holds the uint8 input, the
-uint8 output (3 * scale**2 bytes per input pixel) and one tile's activations. `enhance_bands`
-hands the output out one band of tile rows at a time, so a caller that writes the bands as they
-come (`gan_core.data.images.PngWriter`) holds one band, not the output. `enhance_tensor` returns
+uint8 output (3 * scale**2 bytes per input pixel for RGB, a third of that for gray) and one tile's
+activations. `enhance_bands` hands the output out one band of tile rows at a time, so a caller that
+writes the bands as they come (`gan_core.data.images.PngWriter`) holds one band, not the output. `enhance_tensor` returns
 the float output of the whole batch by definition: it is for float pipelines and tests, not
 for large images. Without `tile` the whole image is one pass and the generator's activations
 (num_feat floats per pixel, at every resolution it works at) dwarf everything else.
@@ -29,12 +49,23 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from gan_core.data.images import check_pixel_limit
-from gan_core.scoring import to_uint8
+from gan_core.data.paired import GRAY_MAX_CHANNEL_DIFF, GRAY_MEAN_CHANNEL_DIFF
+from gan_core.tasks import LUMA, to_uint8
 
 MIN_TILE = 8
+
+
+def generator_channels(generator: nn.Module) -> tuple[int, int]:
+    """(input channels, output channels) of a generator: its `arch` record (every generator of
+    gan_core.models keeps one); (3, 3) for a module without it (an RGB stand-in)."""
+    arch = getattr(generator, "arch", None)
+    if isinstance(arch, dict) and "num_in_ch" in arch and "num_out_ch" in arch:
+        return int(arch["num_in_ch"]), int(arch["num_out_ch"])
+    return 3, 3
 
 
 def input_multiple(scale: int) -> int:
@@ -53,7 +84,7 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def _pad_image_to_multiple(img: np.ndarray, multiple: int) -> np.ndarray:
-    """_pad_to_multiple for a uint8 HxWx3 array: numpy's reflect and edge modes are torch's reflect and
+    """_pad_to_multiple for a uint8 HxWxC array: numpy's reflect and edge modes are torch's reflect and
     replicate, and padding copies values, so the padded pixels are the same."""
     h, w = img.shape[:2]
     pad_h, pad_w = (-h) % multiple, (-w) % multiple
@@ -113,7 +144,7 @@ def enhance_tensor(
 
     Args:
         generator: the model, in eval mode, on x's device.
-        x: (N, C, H, W) input.
+        x: (N, C, H, W) input, C the generator's input channels.
         scale: the generator's upscaling factor.
         tile: the LR side of one tile (None: the whole image in one pass). Rounded up to the
             generator's input multiple.
@@ -121,7 +152,7 @@ def enhance_tensor(
         bf16: run under bf16 autocast.
 
     Returns:
-        (N, C, H*scale, W*scale) floats (not clamped).
+        (N, C_out, H*scale, W*scale) floats (not clamped), C_out the generator's output channels.
 
     Raises:
         ValueError: `tile` < 8 or `tile_overlap` < 0.
@@ -135,33 +166,57 @@ def enhance_tensor(
         return _run(generator, padded, bf16)[..., : h * scale, : w * scale]
     # Grid and context aligned to the multiple: every piece cut below is divisible by it.
     tile, tile_overlap = _round_up(tile, multiple), _round_up(tile_overlap, multiple)
-    out = x.new_zeros(x.shape[0], x.shape[1], ph * scale, pw * scale, dtype=torch.float32)
+    out = None  # allocated at the first tile: the generator's output channels need not be the input's
     for row in _tile_rows(ph, pw, tile, tile_overlap):
         for rows, cols, ctx_rows, ctx_cols in row:
             piece = _run(generator, padded[..., ctx_rows, ctx_cols], bf16)
+            if out is None:
+                out = x.new_zeros(x.shape[0], piece.shape[1], ph * scale, pw * scale, dtype=torch.float32)
             out[..., rows.start * scale : rows.stop * scale, cols.start * scale : cols.stop * scale] = _centre(
                 piece, rows, cols, ctx_rows, ctx_cols, scale)
     return out[..., : h * scale, : w * scale]
 
 
 def image_to_tensor(img: np.ndarray) -> torch.Tensor:
-    """uint8 HxWx3 -> (1, 3, H, W) float in [0, 1].
+    """uint8 HxWxC (or HxW, one channel) -> (1, C, H, W) float in [0, 1].
 
     Raises:
-        ValueError: the image is not uint8 HxWx3.
+        ValueError: the image is not uint8 HxW or HxWxC.
     """
-    _check_rgb8(img)
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float().div_(255.0)
+    if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim not in (2, 3):
+        raise ValueError(f"expected a uint8 HxWx3 RGB image (or HxWxC, HxW), got {_describe_array(img)}")
+    chw = torch.from_numpy(np.ascontiguousarray(_as_hwc(img))).permute(2, 0, 1)
+    return chw[None].float().div_(255.0)
 
 
-def _check_rgb8(img: np.ndarray) -> None:
-    if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-        described = f"dtype {img.dtype} and shape {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
-        raise ValueError(f"expected a uint8 HxWx3 RGB image, got {described}")
+def _as_hwc(img: np.ndarray) -> np.ndarray:
+    """HxW -> HxWx1 (a view); HxWxC as it is."""
+    return img[..., None] if img.ndim == 2 else img
 
 
-def _check_image_and_settings(img: np.ndarray, tile: int | None, tile_overlap: int, max_pixels: int | None) -> None:
-    _check_rgb8(img)
+def _describe_array(img: object) -> str:
+    return f"dtype {img.dtype} and shape {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+
+
+_INPUT_FORMS = {
+    3: "a uint8 HxWx3 RGB image",
+    1: "a uint8 HxW (or HxWx1) gray image for a 1-channel generator (model_input makes it from RGB)",
+    2: "a uint8 HxWx2 image (infrared, visible luma) for a 2-channel fusion generator (model_input makes it)",
+}
+
+
+def _check_generator_input(img: np.ndarray, channels: int) -> None:
+    """The input a generator of `channels` input channels takes: uint8 HxWxC (HxW also for C = 1)."""
+    ok = isinstance(img, np.ndarray) and img.dtype == np.uint8 and (
+        (img.ndim == 3 and img.shape[2] == channels) or (img.ndim == 2 and channels == 1))
+    if not ok:
+        form = _INPUT_FORMS.get(channels, f"a uint8 HxWx{channels} image")
+        raise ValueError(f"expected {form}, got {_describe_array(img)}")
+
+
+def _check_image_and_settings(img: np.ndarray, channels: int, tile: int | None, tile_overlap: int,
+                              max_pixels: int | None) -> None:
+    _check_generator_input(img, channels)
     check_pixel_limit("image", img.shape[1], img.shape[0], max_pixels)
     _check_tile_settings(tile, tile_overlap)
 
@@ -170,31 +225,36 @@ def enhance_bands(
     generator: nn.Module, img: np.ndarray, scale: int, device: torch.device | str = "cpu", *,
     tile: int | None = None, tile_overlap: int = 16, bf16: bool = False, max_pixels: int | None = None,
 ) -> Iterator[np.ndarray]:
-    """Enhance one uint8 HxWx3 RGB image and yield the result as bands of rows, top to bottom.
+    """Enhance one image (the generator's input, see `enhance_image`) and yield the result as bands of rows,
+    top to bottom.
 
-    Each band is the output of one row of tiles: uint8 (tile * scale, W * scale, 3), the last one
-    shorter; without tiling, one band holds the whole image. The bands stacked are exactly what
+    Each band is the output of one row of tiles: uint8 (tile * scale, W * scale, 3), or
+    (tile * scale, W * scale) for a 1-channel generator, the last one shorter; without tiling, one band
+    holds the whole image. The bands stacked are exactly what
     `enhance_image` returns. Arguments are checked before the first band is computed.
 
     Args:
         generator, img, scale, device, tile, tile_overlap, bf16, max_pixels: as in `enhance_image`.
 
     Yields:
-        uint8 (rows, W * scale, 3) arrays, rounded as BasicSR's tensor2img.
+        uint8 (rows, W * scale, 3) arrays ((rows, W * scale) for one output channel), rounded as BasicSR's
+        tensor2img.
 
     Raises:
-        ValueError: the image is not uint8 HxWx3, or bad tile settings.
+        ValueError: the image is not what the generator takes (see `enhance_image`), or bad tile settings.
         ImageTooLargeError: the image has more than max_pixels pixels.
     """
-    _check_image_and_settings(img, tile, tile_overlap, max_pixels)
-    return _bands(generator, img, scale, torch.device(device), tile, tile_overlap, bf16)
+    _check_image_and_settings(img, generator_channels(generator)[0], tile, tile_overlap, max_pixels)
+    return _bands(generator, _as_hwc(img), scale, torch.device(device), tile, tile_overlap, bf16)
 
 
 @torch.no_grad()  # on the generator function itself: it holds on every resume, not only at creation
 def _bands(generator: nn.Module, img: np.ndarray, scale: int, device: torch.device, tile: int | None,
            tile_overlap: int, bf16: bool, out: np.ndarray | None = None) -> Iterator[np.ndarray]:
-    """enhance_bands without the checks. With `out` (uint8 (H*scale, W*scale, 3)), tiled bands are
-    views into it, filled in place, instead of new arrays."""
+    """enhance_bands without the checks, on a uint8 HxWxC input. With `out` (uint8 (H*scale, W*scale, 3), or
+    (H*scale, W*scale) for one output channel), tiled bands are views into it, filled in place, instead of new
+    arrays."""
+    channels_out = generator_channels(generator)[1]
     multiple = input_multiple(scale)
     h, w = img.shape[:2]
     ph, pw = _round_up(h, multiple), _round_up(w, multiple)
@@ -210,7 +270,7 @@ def _bands(generator: nn.Module, img: np.ndarray, scale: int, device: torch.devi
         band_top = row[0][0].start * scale
         band_height = min(row[0][0].stop * scale, h * scale) - band_top  # padding below the image is cut off
         if out is None:
-            band = np.empty((band_height, w * scale, 3), np.uint8)
+            band = np.empty(_output_shape(band_height, w * scale, channels_out), np.uint8)
         else:
             band = out[band_top : band_top + band_height]
         for rows, cols, ctx_rows, ctx_cols in row:
@@ -222,32 +282,208 @@ def _bands(generator: nn.Module, img: np.ndarray, scale: int, device: torch.devi
         yield band
 
 
+def _output_shape(height: int, width: int, channels: int) -> tuple[int, ...]:
+    """What to_uint8 gives for a (1, channels, height, width) output: H x W for one channel, else H x W x C."""
+    return (height, width) if channels == 1 else (height, width, channels)
+
+
 @torch.no_grad()
 def enhance_image(
     generator: nn.Module, img: np.ndarray, scale: int, device: torch.device | str = "cpu", *,
     tile: int | None = None, tile_overlap: int = 16, bf16: bool = False, max_pixels: int | None = None,
 ) -> np.ndarray:
-    """Enhance one uint8 HxWx3 RGB image.
+    """Enhance one image: the generator's input as it is (`model_input` makes it from what a user has).
 
     Tiled, no float buffer of the whole output is allocated (see the module docstring).
 
     Args:
         generator: the model, in eval mode, on `device`.
-        img: uint8 HxWx3 RGB.
+        img: uint8 HxWx3 RGB for an RGB generator; HxW (or HxWx1) for a 1-channel one; HxWx2 (infrared,
+            visible luma) for a fusion generator.
         scale: the generator's upscaling factor.
         device: where to run.
         tile, tile_overlap, bf16: as in `enhance_tensor`.
         max_pixels: refuse images with more than this many pixels (H * W; None: no limit).
 
     Returns:
-        uint8 (H*scale)x(W*scale)x3, rounded as BasicSR's tensor2img.
+        uint8 (H*scale)x(W*scale)x3, or (H*scale)x(W*scale) for a 1-channel output, rounded as BasicSR's
+        tensor2img.
 
     Raises:
-        ValueError: the image is not uint8 HxWx3, or bad tile settings.
+        ValueError: the image is not what the generator takes, or bad tile settings.
         ImageTooLargeError: the image has more than max_pixels pixels.
     """
-    _check_image_and_settings(img, tile, tile_overlap, max_pixels)
-    out = np.empty((img.shape[0] * scale, img.shape[1] * scale, 3), np.uint8)
-    for _ in _bands(generator, img, scale, torch.device(device), tile, tile_overlap, bf16, out=out):
+    _check_image_and_settings(img, generator_channels(generator)[0], tile, tile_overlap, max_pixels)
+    shape = _output_shape(img.shape[0] * scale, img.shape[1] * scale, generator_channels(generator)[1])
+    out = np.empty(shape, np.uint8)
+    for _ in _bands(generator, _as_hwc(img), scale, torch.device(device), tile, tile_overlap, bf16, out=out):
         pass  # each band is written into `out` in place
     return out
+
+
+# -- from what a user has to the generator's input, and back to an image --------------------------------------
+
+
+def luma_image(img: np.ndarray) -> np.ndarray:
+    """Full-range BT.601 luma (gan_core.tasks.LUMA) of a uint8 RGB image as uint8 H x W, as PIL's convert("L")
+    computes it; a gray image (HxW, HxWx1) as it is.
+
+    Raises:
+        ValueError: not uint8 HxW, HxWx1 or HxWx3.
+    """
+    img = _check_user_image(img, "image")
+    if img.ndim == 2:
+        return img
+    if img.shape[2] == 1:
+        return img[..., 0]
+    return np.asarray(Image.fromarray(np.ascontiguousarray(img)).convert("L"))
+
+
+def is_gray(img: np.ndarray) -> bool:
+    """Whether an image has no colour: HxW or HxWx1, or RGB whose channels stay within the tolerance that
+    gan_core.data.paired allows an infrared image stored as RGB (a gray JPEG decodes a level or two apart)."""
+    if img.ndim == 2 or img.shape[2] == 1:
+        return True
+    channels = img.astype(np.int16)
+    differences = np.abs(np.stack([channels[..., 0] - channels[..., 1], channels[..., 1] - channels[..., 2]]))
+    return bool(differences.max() <= GRAY_MAX_CHANNEL_DIFF and differences.mean() <= GRAY_MEAN_CHANNEL_DIFF)
+
+
+def infrared_gray(ir: np.ndarray) -> np.ndarray:
+    """The gray level (uint8 H x W) of an infrared image: a gray one as it is, an RGB-stored gray one (see
+    `is_gray`) as the rounded mean of its channels, as training's pairs take it (gan_core.data.paired).
+
+    Raises:
+        ValueError: not a uint8 image, or the infrared image has colour (a false-colour palette, say).
+    """
+    ir = _check_user_image(ir, "infrared image")
+    if ir.ndim == 2:
+        return ir
+    if ir.shape[2] == 1:
+        return ir[..., 0]
+    if not is_gray(ir):
+        raise ValueError("the infrared image has colour (3 different channels); expected a single-channel IR image "
+                         "(a false-colour thermal image cannot be fused)")
+    return np.round(ir.astype(np.float32).mean(axis=2)).astype(np.uint8)
+
+
+def _check_user_image(img: object, what: str) -> np.ndarray:
+    if not (isinstance(img, np.ndarray) and img.dtype == np.uint8
+            and (img.ndim == 2 or (img.ndim == 3 and img.shape[2] in (1, 3)))):
+        raise ValueError(f"expected the {what} as a uint8 HxWx3 RGB (or HxW gray) array, got {_describe_array(img)}")
+    return img
+
+
+def model_input(generator_or_in_channels: nn.Module | int, image: np.ndarray,
+                ir: np.ndarray | None = None) -> np.ndarray:
+    """What a user gives -> the generator's input.
+
+    Args:
+        generator_or_in_channels: the generator, or its number of input channels.
+        image: uint8 HxWx3 RGB (HxW or HxWx1 gray also taken): the image to enhance, or for fusion the
+            visible image.
+        ir: fusion only: the infrared image, gray (HxW, HxWx1, or RGB with equal channels), as large as `image`.
+
+    Returns:
+        uint8 H x W x C, C the generator's input channels: 3, the RGB image (a gray one repeated); 1, its
+        luma (`luma_image`); 2, (infrared gray level, visible luma).
+
+    Raises:
+        ValueError: `ir` missing for a 2-channel generator or given to another, a colour infrared image, the two
+            images of different sizes (both named), not uint8 images, or an unsupported channel count.
+    """
+    channels = (generator_or_in_channels if isinstance(generator_or_in_channels, int)
+                else generator_channels(generator_or_in_channels)[0])
+    image = _check_user_image(image, "image")
+    if channels != 2 and ir is not None:
+        raise ValueError(f"an infrared image is only for fusion (2-channel) generators; this one takes {channels} "
+                         "channel(s)")
+    if channels == 3:
+        return np.repeat(_as_hwc(image), 3, axis=2) if image.ndim == 2 or image.shape[2] == 1 else image
+    if channels == 1:
+        return luma_image(image)[..., None]
+    if channels == 2:
+        if ir is None:
+            raise ValueError("a fusion generator needs the infrared image (ir) as well as the visible one")
+        ir_gray = infrared_gray(ir)
+        if ir_gray.shape != image.shape[:2]:
+            (h_ir, w_ir), (h_vi, w_vi) = ir_gray.shape, image.shape[:2]
+            raise ValueError(f"the infrared image is {w_ir}x{h_ir} px, the visible image {w_vi}x{h_vi} px; "
+                             "fusion needs both the same size")
+        return np.stack([ir_gray, luma_image(image)], axis=2)
+    raise ValueError(f"no input form for a generator of {channels} input channels (3: RGB, 1: luma, 2: fusion)")
+
+
+def recolour(fused: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """The fused luma (uint8 H x W) with the visible image's colour (uint8 H x W x 3) -> uint8 H x W x 3.
+
+    YCbCr recombination: the visible RGB in full-range BT.601 YCbCr (JPEG's, PIL's "YCbCr"), Y replaced by the
+    fused luma, back to RGB. The inverse transform gives each of R, G and B its Y with weight 1, so that is
+    computed as RGB + (fused - Y) per pixel, in float with the chroma unrounded (PIL's YCbCr would round Cb and
+    Cr to 8 bits first), then rounded and clipped to 0..255 (where a channel clips, the hue shifts a little, as
+    in any YCbCr round trip). A fused luma equal to the visible luma gives the visible image back within 1 level.
+
+    Raises:
+        ValueError: the shapes do not fit.
+    """
+    if fused.ndim != 2 or visible.ndim != 3 or visible.shape[2] != 3 or fused.shape != visible.shape[:2]:
+        raise ValueError(f"recolour takes a uint8 HxW fused luma and an HxWx3 visible image of that size, got "
+                         f"{fused.shape} and {visible.shape}")
+    rgb = visible.astype(np.float32)
+    visible_luma = rgb @ np.asarray(LUMA, np.float32)  # (H, W), unrounded
+    out = rgb + (fused.astype(np.float32) - visible_luma)[..., None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def recolour_bands(bands: Iterator[np.ndarray], visible: np.ndarray) -> Iterator[np.ndarray]:
+    """`recolour` band by band (fusion is x1: a band of output rows covers the same rows of `visible`)."""
+    top = 0
+    for band in bands:
+        yield recolour(band, visible[top : top + len(band)])
+        top += len(band)
+
+
+def wants_colour(generator: nn.Module, image: np.ndarray, colour: bool | None = None) -> bool:
+    """Whether `enhance` recolours: only fusion generators (2 channels in, 1 out) do; `colour` when given, else
+    whether the visible image has colour (`is_gray`).
+
+    Raises:
+        ValueError: `colour` given for a generator that is not a fusion one, or colour=True with a gray visible
+            image (there is no colour to put back).
+    """
+    if generator_channels(generator) != (2, 1):
+        if colour is not None:
+            raise ValueError("colour is for fusion generators (2 channels in, 1 out) only")
+        return False
+    gray = is_gray(image)
+    if colour and gray:
+        raise ValueError("colour=True needs a colour visible image; this one is gray")
+    return not gray if colour is None else colour
+
+
+def enhance(
+    generator: nn.Module, image: np.ndarray, scale: int, device: torch.device | str = "cpu", *,
+    ir: np.ndarray | None = None, colour: bool | None = None, tile: int | None = None, tile_overlap: int = 16,
+    bf16: bool = False, max_pixels: int | None = None,
+) -> np.ndarray:
+    """Enhance what a user has: `model_input`, `enhance_image`, and for fusion `recolour` when asked.
+
+    Args:
+        generator, scale, device, tile, tile_overlap, bf16, max_pixels: as `enhance_image`.
+        image: uint8 HxWx3 RGB (or HxW gray); for fusion the visible image.
+        ir: fusion only: the infrared image (see `model_input`).
+        colour: fusion only: True, the fused luma in the visible image's colour; False, gray; None (default):
+            colour when the visible image has colour.
+
+    Returns:
+        uint8 (H*scale)x(W*scale)x3, or (H*scale)x(W*scale) for gray results.
+
+    Raises:
+        ValueError, ImageTooLargeError: as `model_input`, `wants_colour` and `enhance_image`.
+    """
+    image = _check_user_image(image, "image")
+    check_pixel_limit("image", image.shape[1], image.shape[0], max_pixels)  # before any work on it
+    in_colour = wants_colour(generator, image, colour)
+    out = enhance_image(generator, model_input(generator, image, ir), scale, device, tile=tile,
+                        tile_overlap=tile_overlap, bf16=bf16, max_pixels=max_pixels)
+    return recolour(out, image) if in_colour else out

@@ -17,6 +17,22 @@ Two ways in, one model:
     big = generator.enhance(small)                           # one HxWx3 uint8 array
     bigs = generator.enhance([img_a, img_b], tile=128)       # or a list of them (any sizes)
 
+Every task (the generator file's, gan_core.checkpoint.generator_task; the logged model's `task` tag and
+metadata say which): sr, denoise and lowlight RGB models take and give RGB images; gray denoise and
+lowlight models take the image's luma and answer gray PNGs (H x W arrays). A fusion model takes pairs:
+the visible image in `image` and the infrared one in `ir` (an optional binary column of the signature;
+same size, gray: an RGB-stored gray file is fine, a false-colour one is refused), and answers the fused
+image, in the visible image's colour when that has colour (gan_core.inference.recolour), gray when it is
+gray or with the param `gray`:
+
+    curl -s localhost:5001/invocations -H 'Content-Type: application/json' \
+        -d '{"dataframe_split": {"columns": ["image", "ir"], "data": [["<base64 visible>", "<base64 infrared>"]]}}'
+    fused = model.predict(pd.DataFrame({"image": [visible_png], "ir": [ir_png]}), params={"gray": True})
+    fused = generator.enhance(visible, ir=infrared)          # arrays: one pair, or lists of the same length
+
+A fusion request without `ir`, and an `ir` column sent to a model that is not a fusion one, are refused
+(HTTP 400) with one line that names the column.
+
 Large images are processed in overlapping tiles (`tile`, `tile_overlap`: the model config's defaults, or
 `params` per call), so memory stays bounded; `max_pixels` refuses larger inputs. A malformed request (no
 `image` column, bytes that are not an image, an image over the limit) is refused with one line that says
@@ -56,6 +72,7 @@ GENERATOR_ARTIFACT = "generator"
 SAFETENSORS_ARTIFACT = "safetensors"  # gan_core.portable: for chaiNNer / ComfyUI / spandrel
 BASICSR_PTH_ARTIFACT = "basicsr_pth"  # only when the generator is exactly BasicSR's RRDBNet
 IMAGE_COLUMN = "image"
+IR_COLUMN = "ir"  # fusion models: the infrared image of each row
 MODEL_CODE = str(Path(__file__).resolve())  # what log_generator_model stores as the model's code
 GAN_CORE_DIR = str(Path(__file__).resolve().parents[2] / "gan_core")  # shipped with the model (code_paths)
 DEFAULT_TILE = 256
@@ -72,11 +89,16 @@ class GeneratorModel(PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from gan_core.checkpoint import load_generator
+        from gan_core.checkpoint import generator_task, load_generator
+        from gan_core.inference import generator_channels
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.generator = load_generator(context.artifacts[GENERATOR_ARTIFACT], device=self.device)
         self.scale = int(getattr(self.generator, "scale", 4))
+        self.task = generator_task(context.artifacts[GENERATOR_ARTIFACT]).name
+        # What the model does follows from its channels: (2, 1) takes (infrared, visible) pairs.
+        self.channels = generator_channels(self.generator)
+        self.fusion = self.channels == (2, 1)
         config = context.model_config or {}
         self.tile = config.get("tile", DEFAULT_TILE)
         self.tile_overlap = config.get("tile_overlap", DEFAULT_TILE_OVERLAP)
@@ -89,10 +111,11 @@ class GeneratorModel(PythonModel):
         Args:
             model_input: a pandas DataFrame with an `image` column (PNG / JPEG / ... bytes, any sizes); or,
                 called on the unwrapped model, what `enhance` takes.
-            params: `tile` (LR tile side; 0 runs whole images) and `tile_overlap`.
+            params: `tile` (LR tile side; 0 runs whole images), `tile_overlap`, and for fusion models `gray`
+                (the fused luma even when the visible image has colour).
 
         Returns:
-            A DataFrame with an `image` column of PNG bytes, rows in input order.
+            A DataFrame with an `image` column of PNG bytes (RGB, or gray for gray results), rows in input order.
 
         Raises:
             MlflowException (INVALID_PARAMETER_VALUE, HTTP 400): a malformed input; one line says why.
@@ -103,55 +126,93 @@ class GeneratorModel(PythonModel):
         if not isinstance(model_input, pd.DataFrame):
             return self.enhance(model_input, **params)
         settings = {"tile": params.get("tile", self.tile) or None,
-                    "tile_overlap": params.get("tile_overlap", self.tile_overlap)}
+                    "tile_overlap": params.get("tile_overlap", self.tile_overlap),
+                    "colour": self._colour(bool(params.get("gray", False)))}
         return pd.DataFrame({IMAGE_COLUMN: self._enhance_encoded(model_input, settings)})
 
-    def enhance(self, images, tile: int | None = None, tile_overlap: int | None = None):
+    def enhance(self, images, ir=None, tile: int | None = None, tile_overlap: int | None = None, gray: bool = False):
         """Enhance one uint8 HxWx3 RGB array, a stacked NxHxWx3 array, or a list of arrays (any sizes).
 
+        Args:
+            images: the images (for fusion models the visible ones).
+            ir: fusion models only, and for them required: the infrared image(s), one per image, same sizes.
+            tile, tile_overlap: as the params (None: the model config's).
+            gray: fusion models: the fused luma even when the visible image has colour.
+
         Returns:
-            The enhanced uint8 array, or a list of them in input order.
+            The enhanced uint8 array (HxWx3, or HxW for gray results), or a list of them in input order.
 
         Raises:
-            MlflowException (INVALID_PARAMETER_VALUE): not uint8 HxWx3, or over the pixel limit.
+            MlflowException (INVALID_PARAMETER_VALUE): not uint8 images, over the pixel limit, `ir` missing for
+                a fusion model or given to another, infrared and visible images that do not pair.
         """
         settings = {"tile": (self.tile if tile is None else tile) or None,
-                    "tile_overlap": self.tile_overlap if tile_overlap is None else tile_overlap}
-        single = isinstance(images, np.ndarray) and images.ndim == 3
-        if isinstance(images, np.ndarray) and images.ndim == 4:
-            images = list(images)  # a stacked batch of same-size images
-        if not single and not isinstance(images, (list, tuple)):
-            raise _bad_input(f"expected a uint8 HxWx3 array or a list of them, got {type(images).__name__}")
-        batch = [images] if single else list(images)
-        outputs = [self._enhance(_as_uint8(img), f"image {index}", settings) for index, img in enumerate(batch)]
+                    "tile_overlap": self.tile_overlap if tile_overlap is None else tile_overlap,
+                    "colour": self._colour(gray)}
+        batch, single = _as_batch(images, "images")
+        self._check_ir_given(ir is not None)
+        irs = [None] * len(batch)
+        if ir is not None:
+            irs, ir_single = _as_batch(ir, "ir")
+            if ir_single != single or len(irs) != len(batch):
+                raise _bad_input(f"ir: expected one infrared image per image ({len(batch)}), got {len(irs)}")
+        outputs = [self._enhance(_as_uint8(img), None if infrared is None else _as_uint8(infrared),
+                                 f"image {index}", settings)
+                   for index, (img, infrared) in enumerate(zip(batch, irs))]
         return outputs[0] if single else outputs
 
-    def _enhance_encoded(self, frame, settings: dict[str, Any]) -> list[bytes]:
-        from gan_core.data import ImageDecodeError, decode_image, encode_png
+    def _colour(self, gray: bool) -> bool | None:
+        """gan_core.inference.enhance's `colour` for the `gray` param: None (colour when the visible image has it)."""
+        if gray and not self.fusion:
+            raise _bad_input(f"param gray is for fusion models; this model is {self._described()}")
+        return False if gray else None
 
+    def _described(self) -> str:
+        return f"{self.task} ({self.channels[0]} -> {self.channels[1]} channels)"
+
+    def _check_ir_given(self, given: bool) -> None:
+        if self.fusion and not given:
+            raise _bad_input(f"this model is {self._described()}: send the infrared image of each row in an "
+                             f"{IR_COLUMN!r} column next to the visible one in {IMAGE_COLUMN!r}")
+        if given and not self.fusion:
+            raise _bad_input(f"column {IR_COLUMN!r} is for fusion models; this model is {self._described()}: "
+                             f"send only {IMAGE_COLUMN!r}")
+
+    def _enhance_encoded(self, frame, settings: dict[str, Any]) -> list[bytes]:
         if IMAGE_COLUMN not in frame.columns:
             raise _bad_input(f"no {IMAGE_COLUMN!r} column (got {list(map(str, frame.columns))}); send "
                              f"{{\"dataframe_split\": {{\"columns\": [\"{IMAGE_COLUMN}\"], \"data\": [[<base64>]]}}}}")
+        # MLflow's schema check may add the optional column, empty, to a request without it.
+        has_ir = IR_COLUMN in frame.columns and not frame[IR_COLUMN].isna().all()
+        self._check_ir_given(has_ir)
+        irs = frame[IR_COLUMN] if has_ir else [None] * len(frame)
         outputs = []
-        for index, data in enumerate(frame[IMAGE_COLUMN]):
-            if isinstance(data, str):  # a column MLflow did not decode (no schema): base64 text
-                data = _b64decode(data, index)
-            if not isinstance(data, (bytes, bytearray)):
-                raise _bad_input(f"row {index}: expected encoded image bytes, got {type(data).__name__}")
-            try:
-                img = decode_image(bytes(data), name=f"row {index}", max_pixels=self.max_pixels)
-            except (ImageDecodeError, ValueError) as err:  # ImageTooLargeError is a ValueError
-                raise _bad_input(_one_line(err)) from None
-            outputs.append(encode_png(self._enhance(img, f"row {index}", settings)))
+        for index, (data, ir_data) in enumerate(zip(frame[IMAGE_COLUMN], irs)):
+            img = self._decode(data, index, IMAGE_COLUMN)
+            ir = self._decode(ir_data, index, IR_COLUMN) if has_ir else None
+            outputs.append(_encode_png(self._enhance(img, ir, f"row {index}", settings)))
         return outputs
 
-    def _enhance(self, img: np.ndarray, name: str, settings: dict[str, Any]) -> np.ndarray:
-        from gan_core.inference import enhance_image
+    def _decode(self, data, index: int, column: str) -> np.ndarray:
+        from gan_core.data import ImageDecodeError, decode_image
+
+        label = f"row {index}" if column == IMAGE_COLUMN else f"row {index} {column}"
+        if isinstance(data, str):  # a column MLflow did not decode (no schema): base64 text
+            data = _b64decode(data, index)
+        if not isinstance(data, (bytes, bytearray)):
+            raise _bad_input(f"{label}: expected encoded image bytes, got {type(data).__name__}")
+        try:
+            return decode_image(bytes(data), name=label, max_pixels=self.max_pixels)
+        except (ImageDecodeError, ValueError) as err:  # ImageTooLargeError is a ValueError
+            raise _bad_input(_one_line(err)) from None
+
+    def _enhance(self, img: np.ndarray, ir: np.ndarray | None, name: str, settings: dict[str, Any]) -> np.ndarray:
+        from gan_core.inference import enhance
 
         try:
-            return enhance_image(self.generator, img, self.scale, self.device, max_pixels=self.max_pixels,
-                                 **settings)
-        except ValueError as err:  # not uint8 HxWx3, over max_pixels, bad tile settings
+            return enhance(self.generator, img, self.scale, self.device, ir=ir, max_pixels=self.max_pixels,
+                           **settings)
+        except ValueError as err:  # not uint8 images, over max_pixels, bad tile settings, IR and visible unpaired
             raise _bad_input(f"{name}: {_one_line(err)}") from None
 
 
@@ -173,6 +234,32 @@ def _b64decode(text: str, index: int) -> bytes:
         raise _bad_input(f"row {index}: not base64-encoded image bytes") from None
 
 
+def _as_batch(images, what: str) -> tuple[list, bool]:
+    """(list of images, whether one image was given): one HxW(x3) array, a stacked NxHxWx3 array, or a list."""
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images), False  # a stacked batch of same-size images
+    if isinstance(images, np.ndarray) and images.ndim in (2, 3):
+        return [images], True
+    if isinstance(images, (list, tuple)):
+        return list(images), False
+    raise _bad_input(f"{what}: expected a uint8 HxWx3 array or a list of them, got {type(images).__name__}")
+
+
+def _encode_png(img: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 RGB (HxWx3) or gray (HxW) result."""
+    import io
+
+    from PIL import Image
+
+    from gan_core.data import encode_png
+
+    if img.ndim == 3:
+        return encode_png(img)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(img)).save(buffer, format="PNG", compress_level=3)  # encode_png's level
+    return buffer.getvalue()
+
+
 def _as_uint8(img) -> np.ndarray:
     """Integer pixels in 0..255 as uint8: JSON (MLflow's input-example check) turns uint8 into int64."""
     array = np.asarray(img)
@@ -182,17 +269,23 @@ def _as_uint8(img) -> np.ndarray:
 
 
 def model_signature() -> ModelSignature:
-    """An `image` column of bytes in and out, and the per-call params."""
-    images = Schema([ColSpec("binary", IMAGE_COLUMN)])
-    return ModelSignature(inputs=images, outputs=images, params=ParamSchema([
+    """An `image` column of bytes in and out (and an optional `ir` column in, for fusion models), and the
+    per-call params."""
+    inputs = Schema([ColSpec("binary", IMAGE_COLUMN), ColSpec("binary", IR_COLUMN, required=False)])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("binary", IMAGE_COLUMN)]), params=ParamSchema([
         ParamSpec("tile", "long", DEFAULT_TILE),
         ParamSpec("tile_overlap", "long", DEFAULT_TILE_OVERLAP),
+        ParamSpec("gray", "boolean", False),
     ]))
 
 
 def log_generator_model(generator_file: str | Path, name: str = "generator", registered_model_name: str | None = None):
     """Log a generator file (see `gan_core.checkpoint.save_generator` / `export_generator`) as a pyfunc model,
     with its safetensors (and, for BasicSR-exact generators, BasicSR `.pth`) exports as artifacts.
+
+    The file's task (`gan_core.checkpoint.generator_task`) goes into the model's metadata (MLmodel) and tags,
+    with the channels, so the registry says what the model does: tag `task` (sr | denoise | lowlight | fusion),
+    `task.gray`, `channels` ("2->1").
 
     Call inside an active MLflow run (or none: MLflow then logs a model without a run).
 
@@ -212,13 +305,23 @@ def log_generator_model(generator_file: str | Path, name: str = "generator", reg
     import pandas as pd
     from PIL import Image
 
-    from gan_core.checkpoint import load_generator
+    from gan_core.checkpoint import generator_task, load_generator
+    from gan_core.inference import generator_channels
     from gan_core.models import generator_config
     from gan_core.portable import write_portable
 
     generator = load_generator(generator_file)  # fail here, with load_generator's clear message, not at serving
+    task = generator_task(generator_file)
+    channels = generator_channels(generator)
+    description = {"task": task.name, "task.gray": str(task.gray).lower(), "channels": f"{channels[0]}->{channels[1]}"}
+    rng = np.random.default_rng(0)
     example = io.BytesIO()
-    Image.fromarray((np.random.default_rng(0).random((24, 24, 3)) * 255).astype(np.uint8)).save(example, "PNG")
+    Image.fromarray((rng.random((24, 24, 3)) * 255).astype(np.uint8)).save(example, "PNG")
+    example_frame = pd.DataFrame({IMAGE_COLUMN: [example.getvalue()]})
+    if channels == (2, 1):  # fusion: a gray infrared image of the same size
+        ir_example = io.BytesIO()
+        Image.fromarray((rng.random((24, 24)) * 255).astype(np.uint8)).save(ir_example, "PNG")
+        example_frame[IR_COLUMN] = [ir_example.getvalue()]
     with tempfile.TemporaryDirectory(prefix="portable-") as tmp:
         files = write_portable(tmp, generator_config(generator), generator.state_dict(), step=_step(generator_file))
         artifacts = {GENERATOR_ARTIFACT: str(generator_file), SAFETENSORS_ARTIFACT: str(files.safetensors)}
@@ -230,8 +333,10 @@ def log_generator_model(generator_file: str | Path, name: str = "generator", reg
             code_paths=[GAN_CORE_DIR],
             artifacts=artifacts,
             signature=model_signature(),
-            input_example=pd.DataFrame({IMAGE_COLUMN: [example.getvalue()]}),
+            input_example=example_frame,
             model_config={"tile": DEFAULT_TILE, "tile_overlap": DEFAULT_TILE_OVERLAP, "max_pixels": DEFAULT_MAX_PIXELS},
+            metadata=description,
+            tags=description,
             # Explicit so MLflow does not spend minutes inferring them.
             pip_requirements=PIP_REQUIREMENTS,
             registered_model_name=registered_model_name,

@@ -10,11 +10,17 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from gan_core.scoring import to_uint8
 from gan_core.data import decode_image
 from gan_core.data.images import ImageTooLargeError, PngWriter
-from gan_core.inference import enhance_bands, enhance_image, enhance_tensor, image_to_tensor, input_multiple
+from gan_core.inference import (
+    enhance_bands,
+    enhance_image,
+    enhance_tensor,
+    image_to_tensor,
+    input_multiple,
+)
 from gan_core.models import rrdb_tiny
+from gan_core.scoring import to_uint8
 
 # rrdb_tiny's receptive radius is about 18 LR pixels (conv_first, 15 dense-block convs, conv_body,
 # then the upsampling convs at 2x and 4x); 20 covers it.
@@ -206,3 +212,120 @@ def test_bands_streamed_to_png_hold_one_band_not_the_output(tmp_path):
     assert peak < output_bytes / 3
     np.testing.assert_array_equal(decode_image(path.read_bytes()),
                                   enhance_image(generator, img, 4, tile=32, tile_overlap=4))
+
+
+# -- tasks: gray (1 -> 1) and fusion (2 -> 1) generators, from what a user has -------------------------------
+
+def tiny_task_generator(in_ch: int, out_ch: int, seed: int = 0) -> torch.nn.Module:
+    from gan_core.models import build_generator
+
+    torch.manual_seed(seed)
+    return build_generator(scale=1, num_in_ch=in_ch, num_out_ch=out_ch, num_feat=8, num_block=1,
+                           num_grow_ch=4).eval()
+
+
+def _smooth_rgb(height: int, width: int, seed: int, low: int = 0, high: int = 255) -> np.ndarray:
+    yy, xx = np.mgrid[0:height, 0:width]
+    noise = np.random.default_rng(seed).integers(0, 12, (height, width, 3))
+    img = np.stack([xx * 200 // width, yy * 200 // height, (xx + yy) * 100 // (width + height)], -1) + noise
+    return np.clip(img, 0, 200).astype(np.float64) * (high - low) / 200 + low
+
+
+def test_gray_generator_takes_luma_and_gives_gray_images():
+    from PIL import Image
+
+    from gan_core.inference import enhance, model_input
+
+    generator = tiny_task_generator(1, 1)
+    rgb = _smooth_rgb(37, 29, 0).astype(np.uint8)
+    x = model_input(generator, rgb)
+    assert x.shape == (37, 29, 1) and x.dtype == np.uint8
+    np.testing.assert_array_equal(x[..., 0], np.asarray(Image.fromarray(rgb).convert("L")))  # PIL's "L"
+    out = enhance(generator, rgb, 1, tile=16, tile_overlap=8)
+    assert out.shape == (37, 29) and out.dtype == np.uint8
+    # HxW and HxWx1 are the same input; bands are gray rows that stack to the image.
+    np.testing.assert_array_equal(enhance_image(generator, x[..., 0], 1, tile=16, tile_overlap=8), out)
+    bands = list(enhance_bands(generator, x, 1, tile=16, tile_overlap=8))
+    assert [band.shape for band in bands] == [(16, 29), (16, 29), (5, 29)]
+    np.testing.assert_array_equal(np.concatenate(bands), out)
+    with pytest.raises(ValueError, match="HxW .*gray image for a 1-channel generator"):
+        enhance_image(generator, rgb, 1)
+    with pytest.raises(ValueError, match="colour is for fusion"):
+        enhance(generator, rgb, 1, colour=True)
+
+
+def _fusion_pair(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    visible = _smooth_rgb(height, width, 1).astype(np.uint8)
+    ir = np.random.default_rng(2).integers(0, 256, (height, width), dtype=np.uint8)
+    return ir, visible
+
+
+def test_fusion_tiles_equal_one_pass_on_an_odd_sized_pair():
+    from gan_core.inference import enhance, model_input
+
+    generator = tiny_task_generator(2, 1)
+    ir, visible = _fusion_pair(203, 189)
+    x = model_input(generator, visible, ir=ir)
+    assert x.shape == (203, 189, 2)
+    np.testing.assert_array_equal(x[..., 0], ir)
+    # x1 RRDB works at 1/4 resolution: about 17 quarter-res convs, ~75 input pixels of receptive radius.
+    whole = enhance_tensor(generator, image_to_tensor(x), 1)
+    tiled = enhance_tensor(generator, image_to_tensor(x), 1, tile=32, tile_overlap=80)
+    assert whole.shape == tiled.shape == (1, 1, 203, 189)
+    torch.testing.assert_close(tiled, whole, atol=2e-5, rtol=0)
+    gray_whole = enhance(generator, visible, 1, ir=ir, colour=False)
+    gray_tiled = enhance(generator, visible, 1, ir=ir, colour=False, tile=32, tile_overlap=80)
+    assert gray_whole.shape == (203, 189) and np.abs(gray_whole.astype(int) - gray_tiled).max() <= 1
+    assert (gray_whole != gray_tiled).mean() < 1e-3  # only at rounding ties
+    colour_tiled = enhance(generator, visible, 1, ir=ir, tile=32, tile_overlap=80)  # the default: colour
+    assert colour_tiled.shape == (203, 189, 3)
+    assert np.abs(colour_tiled.astype(int) - enhance(generator, visible, 1, ir=ir)).max() <= 1
+
+
+def test_recolour_keeps_the_visible_chroma():
+    from PIL import Image
+
+    from gan_core.inference import luma_image, recolour
+
+    visible = _smooth_rgb(40, 48, 3, low=60, high=190).astype(np.uint8)
+    # The visible luma as the fused one gives the visible image back.
+    assert np.abs(recolour(luma_image(visible), visible).astype(int) - visible).max() <= 1
+    # A brighter fused luma changes Y only: Cb and Cr stay (no channel clips in 60..190 + 30).
+    fused = np.clip(luma_image(visible).astype(int) + 30, 0, 255).astype(np.uint8)
+    out = recolour(fused, visible)
+    ycbcr_in = np.asarray(Image.fromarray(visible).convert("YCbCr")).astype(int)
+    ycbcr_out = np.asarray(Image.fromarray(out).convert("YCbCr")).astype(int)
+    assert np.abs(ycbcr_out[..., 1:] - ycbcr_in[..., 1:]).max() <= 1
+    assert np.abs(ycbcr_out[..., 0] - fused).max() <= 1
+
+
+def test_fusion_output_is_gray_for_a_gray_visible_image():
+    from gan_core.inference import enhance
+
+    generator = tiny_task_generator(2, 1)
+    ir, visible = _fusion_pair(20, 24)
+    gray_visible = np.repeat(visible[..., :1], 3, axis=2)
+    assert enhance(generator, gray_visible, 1, ir=ir).shape == (20, 24)
+    assert enhance(generator, visible[..., 0], 1, ir=ir).shape == (20, 24)
+    with pytest.raises(ValueError, match="needs a colour visible image"):
+        enhance(generator, gray_visible, 1, ir=ir, colour=True)
+
+
+def test_fusion_inputs_are_checked():
+    from gan_core.inference import model_input
+
+    generator = tiny_task_generator(2, 1)
+    ir, visible = _fusion_pair(8, 12)
+    # An infrared image stored as RGB with (nearly) equal channels is gray: its channel mean, as in training.
+    ir_rgb = np.stack([ir, ir, ir], axis=2)
+    np.testing.assert_array_equal(model_input(generator, visible, ir=ir_rgb)[..., 0], ir)
+    with pytest.raises(ValueError, match="needs the infrared image"):
+        model_input(generator, visible)
+    with pytest.raises(ValueError, match="infrared image has colour"):
+        model_input(generator, visible, ir=visible)
+    with pytest.raises(ValueError, match="infrared image is 12x8 px, the visible image 10x8 px"):
+        model_input(generator, visible[:, :10], ir=ir)
+    with pytest.raises(ValueError, match="only for fusion"):
+        model_input(3, visible, ir=ir)
+    with pytest.raises(ValueError, match="HxWx2 image .*fusion generator"):
+        enhance_image(generator, visible, 1)

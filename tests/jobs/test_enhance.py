@@ -134,3 +134,59 @@ def test_bad_arguments_fail_clearly(ray_local, folder, capsys):
         assert message in capsys.readouterr().err, argv
     with pytest.raises(SystemExit):
         main(["--model", "x", "--input", "y", "--output", "z", "--tile", "4"])
+
+
+def test_fusion_model_fuses_ir_vi_pairs_and_counts_the_unmatched_file(ray_local, tmp_path, capsys):
+    # TODO(lead): a public save_generator(..., task=) (/tmp/coord/serving_questions.md)
+    from gan_core.checkpoint import _write_generator_file
+    from gan_core.inference import enhance
+    from gan_core.models import build_generator, generator_config
+    from jobs.enhance import EXIT_SOME_FAILED, main
+
+    torch.manual_seed(0)
+    generator = build_generator(scale=1, num_in_ch=2, num_out_ch=1, num_feat=8, num_block=1, num_grow_ch=4).eval()
+    model = _write_generator_file(tmp_path / "fusion.pt", generator_config(generator), generator.state_dict(), 1,
+                                  task={"name": "fusion"})
+    root = tmp_path / "pairs"
+    (root / "ir").mkdir(parents=True)
+    (root / "vi").mkdir()
+    visible = photo(22, 30, 5)  # 22 is not a multiple of 4: the x1 RRDB pads
+    ir = photo(22, 30, 6)[..., 0]
+    Image.fromarray(ir).save(root / "ir" / "a.png")
+    Image.fromarray(visible).save(root / "vi" / "a.png")  # colour visible: a colour result
+    Image.fromarray(ir[:, ::-1].copy()).save(root / "ir" / "b.png")
+    Image.fromarray(visible[..., 1]).save(root / "vi" / "b.jpg", quality=95)  # gray visible, other suffix
+    Image.fromarray(ir).save(root / "ir" / "lonely.png")  # no partner in vi/
+    out = tmp_path / "fused"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(model), "--input", str(root), "--output", str(out), "--tile", "16",
+              "--tile-overlap", "8", "--num-actors", "1", "--report", str(tmp_path / "report.json")])
+    assert exit_info.value.code == EXIT_SOME_FAILED
+    printed = capsys.readouterr()
+    assert "task fusion: generator 2 -> 1 channel(s), x1" in printed.out
+    assert "written 2, failed 1 (of 2 pairs and 1 unmatched file(s))" in printed.out
+    summary = json.loads((tmp_path / "report.json").read_text())
+    assert summary["task"] == "fusion" and summary["written"] == 2 and summary["unmatched"] == 1
+    assert summary["failed"] == [{"path": "ir/lonely.png", "error": "no partner in vi/"}]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]  # named after the pair (the IR file)
+    with Image.open(out / "a.png") as colour, Image.open(out / "b.png") as gray:
+        assert (colour.mode, colour.size, gray.mode, gray.size) == ("RGB", (30, 22), "L", (30, 22))
+    np.testing.assert_array_equal(load_image(out / "a.png"),
+                                  enhance(generator, visible, 1, ir=ir, tile=16, tile_overlap=8))
+
+    # --gray: the fused luma of the colour pair as it is; for a model that is not a fusion one, a usage error.
+    (root / "ir" / "lonely.png").unlink()
+    (root / "vi" / "b.jpg").unlink()
+    (root / "ir" / "b.png").unlink()
+    summary = main(["--model", str(model), "--input", str(root), "--output", str(tmp_path / "gray"), "--gray",
+                    "--num-actors", "1"])
+    assert summary["written"] == 1 and summary["failed"] == []
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "gray" / "a.png")),
+                                  enhance(generator, visible, 1, ir=ir, colour=False, tile=256))
+    sr_model = _write_generator_file(tmp_path / "sr.pt", TINY, rrdb_tiny().state_dict(), 1)
+    from jobs.cli import run_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: main(["--model", str(sr_model), "--input", str(root), "--output", str(tmp_path / "x"),
+                               "--gray"]))
+    assert exit_info.value.code == 2 and "--gray is for fusion models; this one is sr" in capsys.readouterr().err
