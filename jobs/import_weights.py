@@ -122,7 +122,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     from jobs.tracking.model_source import resolve_model
     from jobs.tracking.pyfunc import log_generator_model
-    from jobs.tracking.registry import describe_evaluation, gated_alias_move, register_version
+    from jobs.tracking.registry import (
+        describe_evaluation,
+        gated_alias_move,
+        register_version,
+    )
     from jobs.tracking.server import connect
 
     args = parse_args(argv)
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
 
             verdict = gated_alias_move(client, args.registered_model, args.alias, mv.version, metrics, score_version,
                                        metric="psnr_y", min_improvement=args.min_improvement,
-                                       min_gain_db=args.min_gain_db)
+                                       min_gain=args.min_gain_db)
             if verdict.promote:
                 print(f"PROMOTED: {args.registered_model}@{args.alias} -> version {mv.version}: {verdict.reason}")
             else:

@@ -3,6 +3,8 @@
 Locally:
     python -m jobs.promote --experiment gan-enhance-demo --registered-model esrgan-x4 --metric val/psnr_y \
         --data data/demo/val [--alias champion] [--min-improvement 0.05] [--min-gain-db 0.0] [--dry-run]
+    python -m jobs.promote --experiment fusion-demo --registered-model fusion --data data/demo/fusion/val \
+        [--min-gain 0.01]            # the task's metric (val/qabf) and baseline (the average) by default
     python -m jobs.promote --registered-model esrgan-x4 --alias champion --version 3 [--force]   # rollback
 On a cluster:
     ray job submit --address http://<head>:8265 --working-dir . -- \
@@ -11,6 +13,8 @@ On a cluster:
 
 1. The candidate is the finished run of the experiment (training runs and sweep trials alike) with
    the best `--metric` that has a generator (tag `model_uri`, else `checkpoint_location`); --run-id picks one.
+   Without --metric, the metric is the task's (`task.name` of the runs): val/psnr_y (sr, denoise, lowlight),
+   val/qabf (fusion).
 2. It is re-evaluated on the held-out --data (default: the run's own `data.val`), and so is the
    current alias holder, on the same images: training-time numbers are never trusted across runs.
 3. It is registered as a new version carrying the evaluation (`eval.*` tags), and the job waits until
@@ -19,7 +23,9 @@ On a cluster:
    the comparison is redone against the new holder. Only then, and only if the candidate passes the
    promotion gate (`jobs.tracking.registry.gate_promotion`), the alias moves. The gate refuses, even
    when no version holds the alias: outputs that are not finite (NaN/Inf) on any held-out image, and a
-   PSNR-Y gain over bicubic of --min-gain-db or less (default 0 dB). Against a holder it also requires
+   gain over the task's baseline of --min-gain or less (default 0): PSNR-Y over bicubic (sr, dB), over the
+   input (denoise, lowlight, dB), Qabf over the average of IR and visible (fusion). The task is the one the
+   candidate's generator file records; the holder must be of the same task. Against a holder it also requires
    a --metric improvement above --min-improvement and no regression on PSNR-Y, SSIM-Y, or LPIPS (when
    both have it). The decision and its numbers are written as `promotion.*` tags on the version and
    printed; a refusal is a normal outcome (exit status 0, `"decision": "refused"`).
@@ -59,6 +65,37 @@ HIGHER_IS_WORSE = ("lpips",)
 def eval_key(metric: str) -> str:
     """`val/psnr_y` (a training metric) -> `psnr_y` (the key jobs.evaluate computes)."""
     return metric.split("/")[-1]
+
+
+def candidate_metric(client, args) -> str:
+    """--metric, else the validation metric of the candidates' task (`task.name` of the runs; sr when a run
+    does not say).
+
+    Raises:
+        JobError: the experiment's finished runs are of several tasks (then --metric must choose).
+    """
+    from mlflow.exceptions import MlflowException
+
+    from gan_core.task_config import TaskSection
+
+    if args.metric:
+        return args.metric
+    if args.run_id:
+        try:
+            runs = [client.get_run(args.run_id)]
+        except MlflowException as err:
+            raise JobError(f"--run-id {args.run_id}: {err.message}") from err
+    else:
+        found = client.get_experiment_by_name(args.experiment)
+        if found is None:
+            raise JobError(f"--experiment {args.experiment!r} does not exist in this MLflow")
+        runs = client.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                                  max_results=500)
+    tasks = sorted({run.data.params.get("task.name", "sr") for run in runs}) or ["sr"]
+    if len(tasks) > 1:
+        raise JobError(f"experiment {args.experiment!r} holds runs of tasks {', '.join(tasks)}: pass --metric "
+                       "(and --run-id) to choose")
+    return TaskSection(name=tasks[0]).default_checkpoint_metric
 
 
 def higher_is_better(metric: str, mode: str | None) -> bool:
@@ -110,10 +147,25 @@ def metric_lpips(key: str, weights_path: str | None):
     return lpips
 
 
-def score(spec_or_run, data: str, args, workdir: Path, lpips=None) -> tuple[dict[str, float], object]:
-    """Held-out means (with `nonfinite_images`) of a run's generator or of a model URI, and its ModelSource."""
+def score(spec_or_run, data: str, args, workdir: Path, lpips=None,
+          task_name: str | None = None) -> tuple[dict[str, float], object, object]:
+    """Held-out means (with `nonfinite_images`) of a run's generator or of a model URI, its ModelSource and its
+    task (gan_core.tasks; the one its generator file records). Synthetic inputs (denoise, lowlight on clean
+    images) are seeded by 0 and each image: every model is scored on the same inputs.
+
+    Args:
+        task_name: the task the model must be of (the candidate's, when scoring the alias holder).
+
+    Raises:
+        JobError: the model cannot be loaded, is of another task than `task_name`, or --data is unreadable.
+    """
     from gan_core.checkpoint import load_generator
-    from gan_core.scoring import evaluate_generator_checked, load_eval_images, pick_device
+    from gan_core.scoring import (
+        evaluate_generator_checked,
+        load_eval_images,
+        pick_device,
+    )
+    from jobs.evaluate import model_task
     from jobs.tracking.model_source import resolve_model, run_generator
 
     source = (resolve_model(spec_or_run, workdir) if isinstance(spec_or_run, str)
@@ -123,11 +175,18 @@ def score(spec_or_run, data: str, args, workdir: Path, lpips=None) -> tuple[dict
         generator = load_generator(source.path, device=device)
     except ValueError as err:
         raise JobError(f"{source.spec}: {err}") from err
+    task = model_task(source.path, generator)
+    if task_name is not None and task.name != task_name:
+        raise JobError(f"{source.spec} is a {task.name} model; the candidate is a {task_name} model: they cannot "
+                       "be compared (promote it to another registered model)")
     try:
-        images = [img for _, img in load_eval_images(data, args.max_images, args.crop)]
+        images = [img for _, img in load_eval_images(data, args.max_images, args.crop, task=task.name)]
     except FileNotFoundError as err:
         raise JobError(f"--data {err}") from err
-    return evaluate_generator_checked(generator, images, device, lpips), source
+    try:
+        return evaluate_generator_checked(generator, images, device, lpips, task=task), source, task
+    except ValueError as err:  # e.g. fusion data without its infrared images
+        raise JobError(f"--data {data}: {err}") from err
 
 
 # -- the two commands --------------------------------------------------------------------------------
@@ -165,12 +224,13 @@ def promote(client, args) -> dict:
     """Steps 1-4 of the module docstring; returns the decision and its numbers."""
     from jobs.tracking.registry import describe_evaluation
 
-    maximize = higher_is_better(args.metric, args.mode)
-    key, name, alias = eval_key(args.metric), args.registered_model, args.alias
+    metric = candidate_metric(client, args)
+    maximize = higher_is_better(metric, args.mode)
+    key, name, alias = eval_key(metric), args.registered_model, args.alias
     lpips = metric_lpips(key, args.lpips_weights)  # fail fast when the metric cannot be computed here
-    run = best_candidate(client, args.experiment, args.metric, maximize, args.run_id)
+    run = best_candidate(client, args.experiment, metric, maximize, args.run_id)
     run_id = run.info.run_id
-    print(f"candidate: run {run_id} ({run.info.run_name}), {args.metric} = {run.data.metrics.get(args.metric)}")
+    print(f"candidate: run {run_id} ({run.info.run_name}), {metric} = {run.data.metrics.get(metric)}")
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     # A version whose decision is still pending was registered by a promotion that died before deciding: finish it.
     pending = [mv for mv in existing if mv.tags.get("promotion.decision") == "pending"]
@@ -183,19 +243,20 @@ def promote(client, args) -> dict:
     if not data:
         raise JobError(f"no --data given and run {run_id} has no `data.val` param")
     with tempfile.TemporaryDirectory(prefix="promote-") as tmp:
-        ours, source = score(run, data, args, Path(tmp) / "candidate", lpips)
+        ours, source, task = score(run, data, args, Path(tmp) / "candidate", lpips)
         if key not in ours:
-            raise JobError(f"--metric {args.metric}: evaluation computes {sorted(ours)}, not {key!r}")
-        baseline = f" (bicubic {ours['bicubic_' + key]:.4f})" if "bicubic_" + key in ours else ""
-        print(f"held-out {key} on {data}: candidate {ours[key]:.4f}{baseline}")
+            raise JobError(f"--metric {metric}: task {task.name}'s evaluation computes {sorted(ours)}, not {key!r}")
+        base_key = f"{task.baseline}_{key}"
+        baseline = f" ({task.baseline} {ours[base_key]:.4f})" if base_key in ours else ""
+        print(f"held-out {key} on {data} (task {task.name}): candidate {ours[key]:.4f}{baseline}")
         scored: dict[str, dict[str, float]] = {}  # version -> its means on these same images
-        gate = {"metric": args.metric, "maximize": maximize, "min_improvement": args.min_improvement,
-                "min_gain_db": args.min_gain_db}
+        gate = {"metric": metric, "maximize": maximize, "min_improvement": args.min_improvement,
+                "min_gain": args.min_gain, "gain": task.gain}
 
         def score_version(version: str) -> dict[str, float]:
             if version not in scored:
                 spec = f"models:/{name}/{version}"
-                scored[version] = score(spec, data, args, Path(tmp) / f"v{version}", lpips)[0]
+                scored[version] = score(spec, data, args, Path(tmp) / f"v{version}", lpips, task.name)[0]
             return scored[version]
 
         if args.dry_run:
@@ -211,8 +272,8 @@ def promote(client, args) -> dict:
             model_uri = source.model_uri or _log_model_from_checkpoint(run_id, source.path, Path(tmp))
             mv = register_version(client, name, model_uri, {
                 **{f"eval.{k}": f"{v:.6g}" for k, v in ours.items()},
-                "eval.data": str(data), "source_run_id": run_id, "promotion.decision": "pending"},
-                description=describe_evaluation(ours, data, run_id))
+                "eval.data": str(data), "task": task.name, "source_run_id": run_id, "promotion.decision": "pending"},
+                description=describe_evaluation(ours, data, run_id, task.gain))
             print(f"registered {name} version {mv.version} (READY) from {model_uri}")
         # 4. Compare-and-set under the lock, through the gate.
         verdict = gated_alias_move(client, name, alias, mv.version, ours, score_version, **gate,
@@ -254,14 +315,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--alias", default="champion")
     parser.add_argument("--version", help="rollback: point --alias at this existing version and stop")
     parser.add_argument("--experiment", help="where the candidate runs are (training runs and sweep trials)")
-    parser.add_argument("--metric", default="val/psnr_y", help="run metric that ranks candidates; its last part "
-                        "(psnr_y) is the held-out metric that decides")
+    parser.add_argument("--metric", help="run metric that ranks candidates; its last part (psnr_y) is the held-out "
+                        "metric that decides (default: the task's, val/psnr_y; val/qabf for fusion)")
     parser.add_argument("--mode", choices=("max", "min"), help="default: min for LPIPS, else max")
     parser.add_argument("--min-improvement", type=float, default=0.0,
                         help="required margin over the alias holder, in --metric units")
-    parser.add_argument("--min-gain-db", type=float, default=0.0,
-                        help="required held-out PSNR-Y gain over bicubic, in dB, even with no holder (default 0: "
-                        "the model must beat bicubic; lower it for perceptual models that trade PSNR for detail)")
+    parser.add_argument("--min-gain", "--min-gain-db", type=float, default=0.0, dest="min_gain",
+                        help="required held-out gain over the task's baseline, even with no holder: PSNR-Y over "
+                        "bicubic (sr) or the input (denoise, lowlight) in dB, Qabf over the average of IR and "
+                        "visible (fusion) (default 0: the model must beat it; lower it for perceptual models that "
+                        "trade PSNR for detail)")
     parser.add_argument("--run-id", help="consider this run instead of the experiment's best")
     parser.add_argument("--data", help="held-out HR images (folder or shards); default: the run's data.val")
     parser.add_argument("--max-images", type=int)

@@ -8,10 +8,12 @@ owns the alias until it deletes it. A lock older than its time-to-live (a crashe
 The gate (`gate_promotion`, applied by `gated_alias_move` for jobs.promote and jobs.import_weights)
 has absolute floors, which hold even when no version holds the alias yet:
   - finite: no held-out image may come out with a NaN or Inf (scoring would count it as a black image);
-  - gain: PSNR-Y must beat bicubic on the same images by more than `min_gain_db` (default 0 dB);
+  - gain: the task's metric must beat the task's baseline on the same images by more than `min_gain`
+    (default 0), as the task's `gain` says (gan_core.tasks): PSNR-Y over bicubic (sr, in dB), PSNR-Y over
+    the input itself (denoise, lowlight), Qabf over the average of the infrared and visible images (fusion);
 and, against the holder scored on the same images:
   - margin: the deciding metric improves by more than `min_improvement`;
-  - no regression: PSNR-Y and SSIM-Y at least the holder's, LPIPS not higher when both have it.
+  - no regression: PSNR-Y and SSIM-Y at least the holder's, LPIPS not higher, when both have them.
 Only an explicit rollback (jobs.promote --version) moves an alias without it.
 """
 
@@ -32,6 +34,20 @@ LOCK_SUFFIX = "lock"
 NONFINITE_KEY = "nonfinite_images"  # gan_core.scoring.NONFINITE_KEY (not imported: this module loads no torch)
 # Metrics no candidate may be worse on than the holder: key -> higher is better.
 NO_REGRESSION = {"psnr_y": True, "ssim_y": True, "lpips": False}
+# A task's (gain key, metric, baseline key): gan_core.tasks' `Task.gain` (not imported: torch). Super-resolution's:
+SR_GAIN = ("gain_psnr_y", "psnr_y", "bicubic_psnr_y")
+# How a gain's metric reads in messages: key -> (name, unit).
+GAIN_UNITS = {"psnr_y": ("PSNR-Y", " dB"), "qabf": ("Qabf", "")}
+# The lines of a version's description, in this order: key -> (name, format, unit).
+DESCRIBED = {"psnr_y": ("PSNR-Y", ".3f", " dB"), "ssim_y": ("SSIM-Y", ".4f", ""), "qabf": ("Qabf", ".4f", ""),
+             "mi": ("MI", ".3f", " bits"), "en": ("EN", ".3f", " bits"), "sd": ("SD", ".2f", ""),
+             "sf": ("SF", ".2f", "")}
+
+
+def gain_baseline(gain: tuple[str, str, str]) -> str:
+    """The baseline's name of a task's gain: ("gain_qabf", "qabf", "average_qabf") -> "average"."""
+    _, metric, baseline_key = gain
+    return baseline_key.removesuffix(f"_{metric}")
 
 
 def ensure_registered_model(client, name: str) -> None:
@@ -137,11 +153,13 @@ def _break_if_stale(client, lock: str, ttl_s: float) -> None:
             client.delete_registered_model(lock)
 
 
-def describe_evaluation(means: dict[str, float], data: str, run_id: str | None) -> str:
-    """One line for the version's description: the held-out numbers against bicubic."""
-    text = (f"held-out {data} ({int(means.get('images', 0))} images): PSNR-Y {means['psnr_y']:.3f} dB "
-            f"(bicubic {means['bicubic_psnr_y']:.3f}), SSIM-Y {means['ssim_y']:.4f} "
-            f"(bicubic {means['bicubic_ssim_y']:.4f})")
+def describe_evaluation(means: dict[str, float], data: str, run_id: str | None,
+                        gain: tuple[str, str, str] = SR_GAIN) -> str:
+    """One line for the version's description: the held-out numbers against the task's baseline (`gain`)."""
+    baseline = gain_baseline(gain)
+    parts = [f"{name} {means[key]:{fmt}}{unit} ({baseline} {means[f'{baseline}_{key}']:{fmt}})"
+             for key, (name, fmt, unit) in DESCRIBED.items() if key in means and f"{baseline}_{key}" in means]
+    text = f"held-out {data} ({int(means.get('images', 0))} images): " + ", ".join(parts)
     if "lpips" in means:
         text += f", LPIPS {means['lpips']:.4f}"
     if means.get(NONFINITE_KEY):
@@ -163,8 +181,9 @@ class GateDecision:
     holder_version: str | None
     holder_value: float | None
     min_improvement: float
-    min_gain_db: float
-    gain_db: float
+    min_gain: float  # in the gain's units (dB for PSNR-Y)
+    gain: float
+    gain_key: str  # gain_psnr_y, gain_qabf
     nonfinite_images: float
 
     def tags(self, alias: str) -> dict[str, str]:
@@ -176,15 +195,15 @@ class GateDecision:
                 "promotion.compared_to_version": self.holder_version or "none",
                 "promotion.holder_value": "none" if self.holder_value is None else f"{self.holder_value:.6g}",
                 "promotion.min_improvement": str(self.min_improvement),
-                "promotion.min_gain_db": str(self.min_gain_db),
-                "promotion.gain_psnr_y": f"{self.gain_db:.6g}",
+                "promotion.min_gain": str(self.min_gain),
+                f"promotion.{self.gain_key}": f"{self.gain:.6g}",
                 "promotion.nonfinite_images": f"{self.nonfinite_images:g}",
                 "promotion.time": time.ctime()}
 
 
 def gate_promotion(candidate: dict[str, float], holder: dict[str, float] | None, holder_version: str | None, *,
                    alias: str, metric: str = "psnr_y", maximize: bool = True, min_improvement: float = 0.0,
-                   min_gain_db: float = 0.0) -> GateDecision:
+                   min_gain: float = 0.0, gain: tuple[str, str, str] = SR_GAIN) -> GateDecision:
     """May the candidate take `alias` from its holder? The checks are in the module docstring.
 
     Args:
@@ -195,7 +214,8 @@ def gate_promotion(candidate: dict[str, float], holder: dict[str, float] | None,
         metric: the deciding metric; its last part (`val/psnr_y` -> `psnr_y`) is the key in the means.
         maximize: whether higher `metric` is better.
         min_improvement: required margin on `metric` over the holder, in metric units.
-        min_gain_db: required PSNR-Y gain over bicubic, in dB.
+        min_gain: required gain of the task's metric over its baseline, in the metric's units (dB for PSNR-Y).
+        gain: the task's (gain key, metric, baseline key), `Task.gain`: super-resolution's by default.
 
     Returns:
         The decision; `promote` only when every check passed.
@@ -207,8 +227,11 @@ def gate_promotion(candidate: dict[str, float], holder: dict[str, float] | None,
     value = candidate[key]
     # Means without the count were never checked for NaN outputs: that is a refusal, not a pass.
     nonfinite = candidate.get(NONFINITE_KEY, math.nan)
-    gain = candidate.get("gain_psnr_y", math.nan)
-    nan_metrics = sorted(k for k in {key, "gain_psnr_y", *NO_REGRESSION}
+    gain_key, gain_metric, baseline_key = gain
+    gain_name, unit = GAIN_UNITS.get(gain_metric, (gain_metric, ""))
+    baseline = gain_baseline(gain)
+    gain_value = candidate.get(gain_key, math.nan)
+    nan_metrics = sorted(k for k in {key, gain_key, *NO_REGRESSION}
                          if k in candidate and not math.isfinite(candidate[k]))
     failed, notes = [], []
     if math.isnan(nonfinite):
@@ -222,10 +245,11 @@ def gate_promotion(candidate: dict[str, float], holder: dict[str, float] | None,
         failed.append("finite")
         notes.append(f"non-finite {', '.join(nan_metrics)}")
     # Written as `not >` so that a NaN gain fails too.
-    if not gain > min_gain_db:
+    if not gain_value > min_gain:
         failed.append("gain")
-        notes.append(f"does not beat bicubic: PSNR-Y {candidate.get('psnr_y', math.nan):.4f} vs "
-                     f"{candidate.get('bicubic_psnr_y', math.nan):.4f} (gain {gain:+.4f} dB, required > {min_gain_db:g})")
+        notes.append(f"does not beat {baseline}: {gain_name} {candidate.get(gain_metric, math.nan):.4f} vs "
+                     f"{candidate.get(baseline_key, math.nan):.4f} (gain {gain_value:+.4f}{unit}, "
+                     f"required > {min_gain:g})")
     holder_value = None
     if holder is not None:
         holder_value = holder[key]
@@ -252,20 +276,21 @@ def gate_promotion(candidate: dict[str, float], holder: dict[str, float] | None,
     if failed:
         reason = "; ".join(notes)
     elif holder is None:
-        reason = (f"no version holds @{alias} yet; finite outputs, PSNR-Y gain over bicubic {gain:+.4f} dB "
-                  f"(required > {min_gain_db:g})")
+        reason = (f"no version holds @{alias} yet; finite outputs, {gain_name} gain over {baseline} "
+                  f"{gain_value:+.4f}{unit} (required > {min_gain:g})")
     else:
         reason = f"beats version {holder_version}: {verdict}; no worse on {', '.join(compared)}"
     return GateDecision(promote=not failed, reason=reason, failed=tuple(failed), metric=metric,
                         candidate_value=value, holder_version=holder_version, holder_value=holder_value,
-                        min_improvement=min_improvement, min_gain_db=min_gain_db, gain_db=gain,
+                        min_improvement=min_improvement, min_gain=min_gain, gain=gain_value, gain_key=gain_key,
                         nonfinite_images=nonfinite)
 
 
 def gated_alias_move(client, name: str, alias: str, version: str, candidate: dict[str, float],
                      score_version: Callable[[str], dict[str, float]], *, metric: str = "psnr_y",
-                     maximize: bool = True, min_improvement: float = 0.0, min_gain_db: float = 0.0,
-                     lock_wait_s: float = 300.0, lock_ttl_s: float = 600.0) -> GateDecision:
+                     maximize: bool = True, min_improvement: float = 0.0, min_gain: float = 0.0,
+                     gain: tuple[str, str, str] = SR_GAIN, lock_wait_s: float = 300.0,
+                     lock_ttl_s: float = 600.0) -> GateDecision:
     """Point `name@alias` at `version` if, and only if, `gate_promotion` passes against the holder.
 
     A compare-and-set: the holder is scored outside the lock (that can take minutes); under the lock the
@@ -277,7 +302,7 @@ def gated_alias_move(client, name: str, alias: str, version: str, candidate: dic
         name, alias, version: the registered model, the alias, the (READY) candidate version.
         candidate: the candidate's held-out means (with `nonfinite_images`).
         score_version: a version -> its means on the same held-out images (callers cache it).
-        metric, maximize, min_improvement, min_gain_db: as in `gate_promotion`.
+        metric, maximize, min_improvement, min_gain, gain: as in `gate_promotion`.
         lock_wait_s, lock_ttl_s: as in `alias_lock`.
 
     Returns:
@@ -287,7 +312,7 @@ def gated_alias_move(client, name: str, alias: str, version: str, candidate: dic
     while True:
         decision = gate_promotion(candidate, score_version(holder) if holder else None, holder, alias=alias,
                                   metric=metric, maximize=maximize, min_improvement=min_improvement,
-                                  min_gain_db=min_gain_db)
+                                  min_gain=min_gain, gain=gain)
         with alias_lock(client, name, alias, wait_s=lock_wait_s, ttl_s=lock_ttl_s):
             current = alias_holder(client, name, alias)
             if current == holder:

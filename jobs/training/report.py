@@ -26,6 +26,7 @@ from jobs.tracking.model_source import checkpoint_uri
 from jobs.tracking.server import redact_text, redact_uri
 
 RETRY_PAUSE_S = 5.0
+SUMMARY_NAMES = {"psnr_y": "PSNR", "ssim_y": "SSIM"}  # the summary's header says "Y channel"
 
 
 class FinalModelNotLogged(RuntimeError):
@@ -115,19 +116,40 @@ def model_name(run_name: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", run_name or "generator").strip("-.") or "generator"
 
 
+def validation_rows(cfg: Config, metrics: dict) -> list[tuple[str, str, float, float, str, str]]:
+    """The run's last validation numbers against its task's baseline: (key, name, model, baseline, format, unit)
+    for the task's metric first (`Task.gain`: PSNR-Y, or Qabf for fusion), then the others the task reports."""
+    from gan_core.tasks import build_task
+    from jobs.tracking.registry import DESCRIBED
+
+    task = build_task(cfg)
+    _, metric, _ = task.gain
+    rows = []
+    for key in dict.fromkeys([metric, *DESCRIBED]):
+        name, fmt, unit = DESCRIBED.get(key, (key, ".4f", ""))
+        ours, theirs = metrics.get(f"val/{key}"), metrics.get(f"val/{task.baseline}_{key}")
+        if ours is not None and theirs is not None:
+            rows.append((key, name, ours, theirs, fmt, unit))
+    return rows
+
+
 def model_card(cfg: Config, metrics: dict, files: list[str], artifacts: list[str] | None = None) -> str:
     """The registered version's description: what a teammate needs before using the model."""
-    g = cfg.generator
+    from gan_core.tasks import build_task
+
+    g, task = cfg.generator, build_task(cfg)
+    channels = f", task {task.name} ({g.num_in_ch} -> {g.num_out_ch} channels)"
     lines = [f"{g.name} x{g.scale} ({g.num_block} blocks, {g.num_feat} features, res_scale {g.res_scale}, "
-             f"upsample_skip {g.upsample_skip}), trained by run {cfg.run.name!r}.",
+             f"upsample_skip {g.upsample_skip}){channels}, trained by run {cfg.run.name!r}.",
              f"Data: train {cfg.data.train}, validation {cfg.data.val}.",
              f"Steps: {int(metrics.get('step', cfg.train.total_steps))} of {cfg.train.total_steps} "
              f"({cfg.train.pretrain_steps} pixel-loss pretraining, then GAN with {cfg.loss.adversarial} loss)."]
-    if "val/psnr_y" in metrics and "val/bicubic_psnr_y" in metrics:
-        lines.append(f"Validation (Y channel): PSNR {metrics['val/psnr_y']:.3f} dB vs bicubic "
-                     f"{metrics['val/bicubic_psnr_y']:.3f} dB ({metrics['val/psnr_y'] - metrics['val/bicubic_psnr_y']:+.3f}),"
-                     f" SSIM {metrics.get('val/ssim_y', float('nan')):.4f} vs bicubic "
-                     f"{metrics.get('val/bicubic_ssim_y', float('nan')):.4f}.")
+    rows = validation_rows(cfg, metrics)
+    if rows:
+        (_, name, ours, theirs, fmt, unit), *others = rows
+        text = f"Validation: {name} {ours:{fmt}}{unit} vs {task.baseline} {theirs:{fmt}}{unit} ({ours - theirs:+{fmt}})"
+        text += "".join(f", {n} {o:{f}} vs {task.baseline} {t:{f}}" for _, n, o, t, f, _ in others)
+        lines.append(text + ".")
     from gan_core.portable import ecosystem_problems
 
     problems = ecosystem_problems(cfg.generator.model_dump())
@@ -144,13 +166,21 @@ def _artifact_names(info) -> list[str]:
 
 def print_summary(cfg: Config, result, metrics: dict, tracking_uri: str) -> None:
     """What a user wants to read when the run ends."""
+    from gan_core.tasks import build_task
+
     line = "=" * 72
     print(line)
-    if "val/psnr_y" in metrics:
-        print(f"validation ({cfg.data.val}), Y channel, crop border {cfg.generator.scale}:")
-        print(f"  PSNR  model {metrics['val/psnr_y']:.3f} dB   bicubic {metrics['val/bicubic_psnr_y']:.3f} dB   "
-              f"gain {metrics['val/gain_psnr_y']:+.3f} dB")
-        print(f"  SSIM  model {metrics['val/ssim_y']:.4f}      bicubic {metrics['val/bicubic_ssim_y']:.4f}")
+    rows = validation_rows(cfg, metrics)
+    if rows:
+        task = build_task(cfg)
+        luma = any(key.endswith("_y") for key, *_ in rows)
+        print(f"validation ({cfg.data.val}), task {task.name}" + (", Y channel" if luma else "")
+              + (f", crop border {cfg.generator.scale}" if cfg.generator.scale > 1 else "") + ":")
+        for index, (key, name, ours, theirs, fmt, unit) in enumerate(rows):
+            name = SUMMARY_NAMES.get(key, name)
+            gain = f" gain {ours - theirs:+{fmt}}{unit}" if index == 0 else ""  # the task's gain (Task.gain)
+            model, base = f"{ours:{fmt}}{unit}", f"{theirs:{fmt}}{unit}"
+            print(f"  {name:<5} model {model:<13} {task.baseline} {base:<13}{gain}".rstrip())
     print(f"checkpoint:   {checkpoint_uri(result.checkpoint)}")
     print(f"MLflow model: {metrics.get('model_uri', '-')}")
     if "registered_version" in metrics:

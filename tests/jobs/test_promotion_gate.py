@@ -99,6 +99,11 @@ def exit_status(main, argv) -> int:
 
 GOOD = {"psnr_y": 28.5, "bicubic_psnr_y": 28.3, "gain_psnr_y": 0.2, "ssim_y": 0.76, "bicubic_ssim_y": 0.75,
         "images": 3.0, "nonfinite_images": 0.0}
+FUSION_GAIN, DENOISE_GAIN = ("gain_qabf", "qabf", "average_qabf"), ("gain_psnr_y", "psnr_y", "input_psnr_y")
+FUSION = {"qabf": 0.50, "average_qabf": 0.46, "gain_qabf": 0.04, "mi": 3.1, "average_mi": 3.0, "images": 3.0,
+          "nonfinite_images": 0.0}
+DENOISE = {"psnr_y": 30.0, "input_psnr_y": 25.0, "gain_psnr_y": 5.0, "ssim_y": 0.80, "input_ssim_y": 0.5,
+           "images": 3.0, "nonfinite_images": 0.0}
 
 
 @pytest.mark.parametrize(("candidate", "holder", "options", "failed"), [
@@ -107,7 +112,7 @@ GOOD = {"psnr_y": 28.5, "bicubic_psnr_y": 28.3, "gain_psnr_y": 0.2, "ssim_y": 0.
     ({k: v for k, v in GOOD.items() if k != "nonfinite_images"}, None, {}, ("finite",)),
     ({**GOOD, "lpips": math.nan}, None, {}, ("finite",)),
     ({**GOOD, "psnr_y": 28.3, "gain_psnr_y": 0.0}, None, {}, ("gain",)),  # equal to bicubic is not beating it
-    ({**GOOD, "psnr_y": 28.3, "gain_psnr_y": 0.0}, None, {"min_gain_db": -0.5}, ()),
+    ({**GOOD, "psnr_y": 28.3, "gain_psnr_y": 0.0}, None, {"min_gain": -0.5}, ()),
     (GOOD, {**GOOD, "psnr_y": 28.4, "ssim_y": 0.77}, {}, ("ssim_y",)),
     ({**GOOD, "lpips": 0.30}, {**GOOD, "psnr_y": 28.4, "lpips": 0.25}, {}, ("lpips",)),
     ({**GOOD, "lpips": 0.30}, {**GOOD, "psnr_y": 28.4, "lpips": math.nan}, {}, ()),  # a broken holder's LPIPS
@@ -115,6 +120,12 @@ GOOD = {"psnr_y": 28.5, "bicubic_psnr_y": 28.3, "gain_psnr_y": 0.2, "ssim_y": 0.
     (GOOD, GOOD, {}, ("margin",)),
     (GOOD, {**GOOD, "psnr_y": math.nan}, {}, ()),  # a holder that scores NaN does not block forever
     ({**GOOD, "lpips": 0.2}, {**GOOD, "lpips": 0.25}, {"metric": "val/lpips", "maximize": False}, ()),
+    # Other tasks: their gain (gan_core.tasks' Task.gain) decides; PSNR-Y over bicubic is not asked for.
+    (FUSION, None, {"metric": "val/qabf", "gain": FUSION_GAIN, "min_gain": 0.03}, ()),
+    (FUSION, None, {"metric": "val/qabf", "gain": FUSION_GAIN, "min_gain": 0.05}, ("gain",)),
+    (FUSION, {**FUSION, "qabf": 0.51}, {"metric": "val/qabf", "gain": FUSION_GAIN}, ("margin",)),
+    ({**DENOISE, "psnr_y": 24.0, "gain_psnr_y": -1.0}, None, {"gain": DENOISE_GAIN}, ("gain",)),
+    (DENOISE, {**DENOISE, "psnr_y": 29.5, "ssim_y": 0.85}, {"gain": DENOISE_GAIN}, ("ssim_y",)),
 ])
 def test_gate_checks(candidate, holder, options, failed):
     decision = gate_promotion(candidate, holder, "4" if holder else None, alias="champion", **options)
