@@ -90,23 +90,37 @@ def overrides(demo_data, s3_server, prefix: str, steps: int, **extra: str) -> li
     return tiny_overrides(demo_data, s3_server.url(prefix), steps=steps, **values)
 
 
-def test_one_worker_per_node(ray_cluster, mlflow_server, demo_data, s3_server, tmp_path):
-    """Item 1: 2 workers, one per node (a `trainer` slot each): trains, validates, checkpoints to S3, finishes."""
+PER_NODE = ["--resources-per-worker", '{"CPU": 1, "trainer": 1}']
+# The elastic run's length: its 1-worker stretch must outlast a node start (~15-25 s here) and the resize check.
+ELASTIC_STEPS = 400
+
+
+@pytest.fixture(scope="module")
+def per_node_run(ray_cluster, mlflow_server, demo_data, s3_server, tmp_path_factory):
+    """An uninterrupted 2-worker run, one worker per node, of the elastic test's config and length: the first test
+    checks its placement, the elastic test compares its own loss curve with this one (one run for both: starting
+    a run costs ~30 s here)."""
     ray_cluster.ensure_worker()
     nodes = {n["ip"]: n["id"] for n in ray_cluster.alive_nodes()}
     assert len(nodes) == 2, nodes
-    log = tmp_path / "train.log"
+    log = tmp_path_factory.mktemp("per-node") / "train.log"
     started = time.time()
-    process = start_train(ray_cluster, ["--num-workers", "2", "--resources-per-worker", '{"CPU": 1, "trainer": 1}',
-                                        "--name", "per-node", "--tracking-uri", mlflow_server,
-                                        *overrides(demo_data, s3_server, "placement", steps=20)], log)
+    process = start_train(ray_cluster, ["--num-workers", "2", *PER_NODE, "--name", "per-node",
+                                        "--tracking-uri", mlflow_server,
+                                        *overrides(demo_data, s3_server, "placement", steps=ELASTIC_STEPS)], log)
     text = finish(process, log)
+    return {"nodes": nodes, "text": text, "seconds": time.time() - started}
+
+
+def test_one_worker_per_node(per_node_run, mlflow_server, s3_server):
+    """Item 1: 2 workers, one per node (a `trainer` slot each): trains, validates, checkpoints to S3, finishes."""
+    nodes, text = per_node_run["nodes"], per_node_run["text"]
     client = MlflowClient(mlflow_server)
     run = find_run(client, "per-node")
     assert run.info.status == "FINISHED"
     (group,) = worker_groups(client, run.info.run_id)
     placed = {w["rank"]: w["node_id"] for w in group["workers"]}
-    print(f"\nplacement: {group['workers']} ({time.time() - started:.0f} s)")
+    print(f"\nplacement: {group['workers']} ({per_node_run['seconds']:.0f} s)")
     assert sorted(placed.values()) == sorted(nodes.values()), (placed, nodes)  # one worker on each node
     assert "val/psnr_y" in client.get_run(run.info.run_id).data.metrics
     assert any(key.endswith("checkpoint.pt") for key in s3_server.keys("placement/per-node")), "no checkpoint on S3"
@@ -154,17 +168,15 @@ def test_node_loss_resumes_from_checkpoint(ray_cluster, mlflow_server, demo_data
     assert "restored step" in text
 
 
-def test_elastic_run_shrinks_and_grows(ray_cluster, mlflow_server, demo_data, s3_server, tmp_path):
+def test_elastic_run_shrinks_and_grows(per_node_run, ray_cluster, mlflow_server, demo_data, s3_server, tmp_path):
     """Item 5: `--num-workers 1-2`, one worker per node: kill the worker node -> the run goes on with 1 worker;
     start the node again -> back to 2; same MLflow run, every step once, global batch constant; the loss curve
-    compared with an uninterrupted 2-worker run of the same config."""
+    compared with an uninterrupted 2-worker run of the same config (per_node_run)."""
     ray_cluster.ensure_worker()
-    # 400 steps: the 1-worker stretch must outlast a node start (~15-25 s here) and the resize check.
-    steps, ckpt_every = 400, 10
+    steps, ckpt_every = ELASTIC_STEPS, 10
     client = MlflowClient(mlflow_server)
-    per_node = ["--resources-per-worker", '{"CPU": 1, "trainer": 1}']
     log = tmp_path / "elastic.log"
-    process = start_train(ray_cluster, ["--num-workers", "1-2", *per_node, "--resize-interval-s", "2",
+    process = start_train(ray_cluster, ["--num-workers", "1-2", *PER_NODE, "--resize-interval-s", "2",
                                         "--name", "elastic", "--tracking-uri", mlflow_server,
                                         *overrides(demo_data, s3_server, "elastic", steps=steps)], log)
     timeline = []
@@ -199,12 +211,7 @@ def test_elastic_run_shrinks_and_grows(ray_cluster, mlflow_server, demo_data, s3
     assert 1.0 in world.values() and world[steps] == 2.0
 
     # The same config, uninterrupted, on 2 workers.
-    base_log = tmp_path / "baseline.log"
-    baseline = start_train(ray_cluster, ["--num-workers", "2", *per_node, "--name", "elastic-baseline",
-                                         "--tracking-uri", mlflow_server,
-                                         *overrides(demo_data, s3_server, "elastic-baseline", steps=steps)], base_log)
-    finish(baseline, base_log)
-    base_run = find_run(client, "elastic-baseline")
+    base_run = find_run(client, "per-node")
     elastic_pix = history(client, run.info.run_id, "g/pix")
     base_pix = history(client, base_run.info.run_id, "g/pix")
     first_resize = groups[1]["step"]

@@ -1,4 +1,5 @@
-"""Real components for the job tests: a local Ray cluster, an `mlflow server` on 127.0.0.1, demo data."""
+"""Real components for the job tests: a local Ray cluster, and the helpers behind the session's `mlflow server`
+(the `mlflow_server` and `demo_data` fixtures live in tests/conftest.py: every folder shares one of each)."""
 
 from __future__ import annotations
 
@@ -60,26 +61,17 @@ def start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
     return process, uri
 
 
-def stop_process_group(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    """Signal a process started with start_new_session=True and all its children; wait for it."""
+def stop_process_group(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+    """Signal a process started with start_new_session=True and all its children; wait for it up to `timeout`
+    seconds, then SIGKILL the group."""
     try:
         os.killpg(process.pid, sig)
-        process.wait(timeout=20)
+        process.wait(timeout=timeout)
     except ProcessLookupError:
         pass
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=20)
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` subprocess with a SQLite store; yields its http URI."""
-    process, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
-    try:
-        yield uri
-    finally:
-        stop_process_group(process)
 
 
 @pytest.fixture(scope="session")
@@ -97,17 +89,6 @@ def ray_local(s3_server):
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def demo_data(tmp_path_factory):
-    """The real demo photos as shards (train) and a folder (val)."""
-    from gan_core.data import prepare_demo_folders, write_shards
-
-    root = tmp_path_factory.mktemp("demo")
-    train_dir, val_dir = prepare_demo_folders(root)
-    write_shards(train_dir, root / "train_shards", crop_size=192, step=96)
-    return root
 
 
 def tiny_overrides(demo_data: Path, storage: Path, steps: int = 6, **extra: str) -> list[str]:

@@ -18,11 +18,13 @@ from tests.jobs.conftest import REPO, free_port, stop_process_group, tiny_overri
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
     """`ray start --head --block` from this environment (submitted jobs use the `python` on its PATH), in its own
     process group, stopped by signalling that group: `ray stop` would stop every Ray cluster on the machine,
-    including the one this test process is attached to."""
+    including the one this test process is attached to. One head for the module: its tests submit to it in turn
+    (a start and a stop of a head cost ~40 s on 2 cores)."""
+    tmp_path = tmp_path_factory.mktemp("ray-head")
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
            # where submitted jobs keep relative outputs (jobs.cli.job_home); ~/gan-enhance when unset
@@ -52,7 +54,9 @@ def ray_head(tmp_path):
         _wait_until_jobs_api_answers(bin_dir, address, {**env, "RAY_AUTH_MODE": "token"})
         yield address, env
     finally:
-        stop_process_group(head)
+        # `ray start --block` takes longer than 20 s to stop on SIGTERM here (CI: the full 20 s every time, then
+        # SIGKILL); its cluster is thrown away, so the group gets SIGKILL after 5 s.
+        stop_process_group(head, timeout=5)
         _restore(address_file, before)
 
 

@@ -31,9 +31,21 @@ def _runs_named(client, name):
     return client.search_runs([experiment.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'")
 
 
-def test_two_workers_train_and_track_everything(ray_local, mlflow_server, demo_data, tmp_path):
-    metrics = _run("basic", mlflow_server, demo_data, tmp_path, 6, "--register", "basic-sr")
-    assert metrics["step"] == 6 and metrics["registered_version"] == "1"
+# Same LRs for 4 or 8 steps: a run stopped at 4 and resumed to 8 must match an uninterrupted 8-step run.
+CONSTANT_LR = {"schedule.lr_schedule": "constant", "schedule.warmup_steps": "0"}
+
+
+@pytest.fixture(scope="module")
+def basic_run(ray_local, mlflow_server, demo_data, tmp_path_factory):
+    """An uninterrupted, registered 8-step run: checked in full by the first test, and the reference that the
+    resume test compares its resumed steps with (one Train run less: each costs ~30 s on 2 cores)."""
+    return _run("basic", mlflow_server, demo_data, tmp_path_factory.mktemp("basic"), 8, "--register", "basic-sr",
+                **CONSTANT_LR)
+
+
+def test_two_workers_train_and_track_everything(basic_run, mlflow_server):
+    metrics = basic_run
+    assert metrics["step"] == 8 and metrics["registered_version"] == "1"
     client = MlflowClient(mlflow_server)
     (run,) = _runs_named(client, "basic")
     run_id = run.info.run_id
@@ -41,14 +53,14 @@ def test_two_workers_train_and_track_everything(ray_local, mlflow_server, demo_d
     assert run.data.params["generator.num_feat"] == "8" and run.data.params["num_workers"] == "2"
     assert {"git_commit", "checkpoint_location", "model_uri"} <= set(run.data.tags)
     assert "ray_job_id" not in run.data.tags and all(value != "" for value in run.data.tags.values())
-    assert [m.step for m in client.get_metric_history(run_id, "g/pix")] == [1, 2, 3, 4, 5, 6]
-    assert [m.step for m in client.get_metric_history(run_id, "val/psnr_y")] == [2, 4, 6]
-    assert [m.step for m in client.get_metric_history(run_id, "d/real")] == [3, 4, 5, 6]  # GAN phase only
+    assert [m.step for m in client.get_metric_history(run_id, "g/pix")] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [m.step for m in client.get_metric_history(run_id, "val/psnr_y")] == [2, 4, 6, 8]
+    assert [m.step for m in client.get_metric_history(run_id, "d/real")] == [3, 4, 5, 6, 7, 8]  # GAN phase only
     assert client.get_metric_history(run_id, "perf/img_per_s")[-1].value > 0
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert "config.yaml" in artifacts
     samples = [a.path for a in client.list_artifacts(run_id, "samples")]
-    assert samples == ["samples/step_0000002.png", "samples/step_0000004.png", "samples/step_0000006.png"]
+    assert samples == [f"samples/step_{step:07d}.png" for step in (2, 4, 6, 8)]
     checkpoint = Path(run.data.tags["checkpoint_location"])
     assert (checkpoint / "checkpoint.pt").is_file()
     assert (checkpoint / "sampler_rank0.pt").is_file() and (checkpoint / "sampler_rank1.pt").is_file()
@@ -70,10 +82,9 @@ def test_two_workers_train_and_track_everything(ray_local, mlflow_server, demo_d
     assert {"generator", "safetensors"} <= flavor_artifacts
 
 
-def test_rerun_same_name_resumes_step_and_mlflow_run(ray_local, mlflow_server, demo_data, tmp_path):
-    constant_lr = {"schedule.lr_schedule": "constant", "schedule.warmup_steps": "0"}  # same LRs for 4 or 8 steps
-    _run("resume", mlflow_server, demo_data, tmp_path, steps=4, **constant_lr)
-    metrics = _run("resume", mlflow_server, demo_data, tmp_path, steps=8, **constant_lr)
+def test_rerun_same_name_resumes_step_and_mlflow_run(basic_run, ray_local, mlflow_server, demo_data, tmp_path):
+    _run("resume", mlflow_server, demo_data, tmp_path, steps=4, **CONSTANT_LR)
+    metrics = _run("resume", mlflow_server, demo_data, tmp_path, steps=8, **CONSTANT_LR)
     assert metrics["step"] == 8
     client = MlflowClient(mlflow_server)
     runs = _runs_named(client, "resume")
@@ -83,9 +94,8 @@ def test_rerun_same_name_resumes_step_and_mlflow_run(ray_local, mlflow_server, d
     assert runs[0].data.tags["resume.override.train.total_steps"] == "4 -> 8"
 
     # Resuming is exact: G, D, optimizers, EMA, sampler and each worker's rows come back, so steps 5-8
-    # (GAN steps, D included) lose exactly what an uninterrupted 8-step run loses.
-    _run("straight", mlflow_server, demo_data, tmp_path, steps=8, **constant_lr)
-    (straight,) = _runs_named(client, "straight")
+    # (GAN steps, D included) lose exactly what an uninterrupted 8-step run of the same config loses.
+    (straight,) = _runs_named(client, "basic")
     for key in ("g/pix", "g/adv", "d/total"):
         resumed = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, key)}
         uninterrupted = {m.step: m.value for m in client.get_metric_history(straight.info.run_id, key)}

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from jobs import train
 from jobs.tracking.runs import RUN_NAME_TAG
-from tests.jobs.conftest import REPO, start_mlflow_server, stop_process_group, tiny_overrides, wait_for_http
+from tests.jobs.conftest import REPO, stop_process_group, tiny_overrides, wait_for_http
 
 pytestmark = pytest.mark.slow
 
@@ -29,24 +29,7 @@ DEMO = str(REPO / "jobs" / "configs" / "demo.yaml")
 EXPERIMENT = "gan-enhance-demo"  # demo.yaml's
 
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    """The demo photos as shards and a folder, as tests/jobs' fixture of the same name."""
-    from gan_core.data import prepare_demo_folders, write_shards
-
-    root = tmp_path_factory.mktemp("demo")
-    train_dir, _ = prepare_demo_folders(root)
-    write_shards(train_dir, root / "train_shards", crop_size=192, step=96)
-    return root
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    process, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
-    try:
-        yield uri
-    finally:
-        stop_process_group(process)
+# demo_data and mlflow_server: the session's (tests/conftest.py).
 
 
 @pytest.fixture(scope="module")
