@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cores = os.cpu_count() or 1
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=cores + 2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=cores + 2, include_dashboard=False, log_to_driver=False)  # its own cluster, whatever RAY_ADDRESS says
     table = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
