@@ -178,19 +178,24 @@ def load_sampler_state(directory: str | Path, rank: int) -> dict[str, Any] | Non
 # -- generator files -------------------------------------------------------------
 
 
-def save_generator(path: str | Path, generator: nn.Module, step: int = 0) -> Path:
+def save_generator(path: str | Path, generator: nn.Module, step: int = 0,
+                   task: TaskSection | dict[str, Any] | None = None) -> Path:
     """Write `generator` as a generator file: its weights and the config that rebuilds it, every option included.
 
     Args:
         path: the file to write.
         generator: a generator of `gan_core.models.GENERATORS` (wrappers are unwrapped).
         step: the training step the weights come from (0 for imported weights).
+        task: the task it was trained for (what `generator_task` reads back); None: the file names none, which
+            reads as super-resolution.
 
     Returns:
         The written path.
     """
     model = unwrap(generator)
-    return _write_generator_file(path, generator_config(model), model.state_dict(), step)
+    if isinstance(task, TaskSection):
+        task = task.model_dump(mode="json")
+    return _write_generator_file(path, generator_config(model), model.state_dict(), step, task=task)
 
 
 def export_generator(checkpoint: str | Path, out_file: str | Path, use_ema: bool = True) -> Path:

@@ -36,6 +36,8 @@ class GeneratorSection(_Section):
     res_scale: float = Field(0.2, gt=0.0, le=1.0)
     # Add an interpolation of the input to the output (residual learning); "none" is ESRGAN / BasicSR-exact.
     upsample_skip: Literal["none", "nearest", "bilinear", "bicubic"] = "none"
+    # false: the trunk of a x1 / x2 model runs at full resolution (no pixel-unshuffle); gan_core-only files.
+    pixel_unshuffle: bool = True
 
 
 class DiscriminatorSection(_Section):

@@ -78,6 +78,8 @@ def ecosystem_problems(config: dict[str, Any]) -> list[str]:
         problems.append(f"res_scale is {config['res_scale']} (ESRGAN loaders assume 0.2)")
     if config.get("upsample_skip", "none") != "none":
         problems.append(f"upsample_skip is {config['upsample_skip']!r} (ESRGAN loaders have no upsampling skip)")
+    if config.get("pixel_unshuffle", True) is False and int(config.get("scale", 4)) != 4:
+        problems.append("pixel_unshuffle is off (ESRGAN loaders pixel-unshuffle x1 / x2 inputs)")
     return problems
 
 

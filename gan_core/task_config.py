@@ -48,7 +48,10 @@ class TaskSection(_Section):
     dark_gamma: tuple[float, float] = (2.0, 3.5)
     dark_scale: tuple[float, float] = (0.2, 0.6)
     dark_noise_sigma: tuple[float, float] = (0.0, 8.0)  # on the 0-255 scale
-    # -- fusion: FusionGAN's content loss, mean (F - IR)^2 + gradient_weight * mean (lap F - lap VI)^2 --
+    # -- fusion: the content loss (gan_core/losses/fusion.py). fusiongan: mean (F - IR)^2 + gradient_weight * mean
+    # (lap F - lap VI)^2 (Ma et al. 2019); max: mean |F - max(IR, VI)| + gradient_weight * mean | |grad F| -
+    # max(|grad IR|, |grad VI|) | (SeAFusion, Tang et al. 2022: the edges of both sources) --
+    fusion_loss: Literal["fusiongan", "max"] = "fusiongan"
     fusion_intensity_weight: float = Field(1.0, ge=0.0)
     fusion_gradient_weight: float = Field(5.0, ge=0.0)
 

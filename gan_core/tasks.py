@@ -293,11 +293,12 @@ class Fusion:
         return sums
 
     def content_loss(self, fake: torch.Tensor, lq: torch.Tensor, gt: torch.Tensor, pixel: PixelLoss) -> torch.Tensor:
-        from gan_core.losses.fusion import fusion_content_loss
+        from gan_core.losses.fusion import fusion_content_loss, max_content_loss
 
-        return fusion_content_loss(fake, lq[:, :1].to(fake.dtype), lq[:, 1:2].to(fake.dtype),
-                                   intensity_weight=self.section.fusion_intensity_weight,
-                                   gradient_weight=self.section.fusion_gradient_weight)
+        loss = max_content_loss if self.section.fusion_loss == "max" else fusion_content_loss
+        return loss(fake, lq[:, :1].to(fake.dtype), lq[:, 1:2].to(fake.dtype),
+                    intensity_weight=self.section.fusion_intensity_weight,
+                    gradient_weight=self.section.fusion_gradient_weight)
 
     def panels(self, lq: torch.Tensor, out: torch.Tensor, gt: torch.Tensor) -> list[np.ndarray]:
         """IR | visible | fused."""

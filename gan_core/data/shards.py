@@ -297,6 +297,29 @@ def too_small_reason(height: int, width: int, crop_size: int | None, min_size: i
     return f"{width}x{height} px: shorter side below {limit}"
 
 
+def shards_hold_pairs(path: str | Path) -> bool:
+    """Whether local shards carry an input image in every row (paired shards, `write_paired_shards`), read from the
+    Parquet footers only (the `input` column's null count), not from the images.
+
+    Raises:
+        FileNotFoundError: path does not exist.
+    """
+    import pyarrow.parquet as pq
+
+    files = shard_files(path)
+    for file in files:
+        metadata = pq.ParquetFile(file).metadata
+        names = metadata.schema.names
+        if "input" not in names:
+            return False
+        column = names.index("input")
+        for group in range(metadata.num_row_groups):
+            stats = metadata.row_group(group).column(column).statistics
+            if stats is None or not stats.has_null_count or stats.null_count > 0:
+                return False
+    return bool(files)
+
+
 def shard_files(path: str | Path) -> list[Path]:
     """The Parquet files of a shard folder (sorted), or [path] for a single file.
 

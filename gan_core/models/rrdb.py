@@ -96,6 +96,12 @@ class RRDBNet(nn.Module):
         num_block: Number of RRDBs in the trunk.
         num_grow_ch: Growth channels of the dense blocks.
         res_scale: Residual scale of the dense blocks and the RRDBs (BasicSR: 0.2).
+        pixel_unshuffle: True (BasicSR): at scale 2 and 1 fold 2x2 / 4x4 pixels into channels, run the trunk at
+            a quarter / sixteenth of the pixels and upsample back with the x4 upsampler. False: the trunk works on
+            every input pixel and only the upsamplings the scale needs run (none at scale 1; `conv_up1` and
+            `conv_up2` still run, at full resolution, so the weight keys and shapes are those of scale 4). Much
+            easier to train for denoising and low-light (per-pixel residuals), 16x the trunk compute at scale 1,
+            and not loadable by BasicSR-style loaders. Ignored at scale 4.
         upsample_skip: "none" (ESRGAN, BasicSR-exact), or "nearest" / "bilinear" / "bicubic": add that
             upsampling of the input to the output, so the network learns only the residual detail (as
             Real-ESRGAN's SRVGGNetCompact does). `conv_last` then starts at zero, so the untrained model
@@ -117,6 +123,7 @@ class RRDBNet(nn.Module):
         num_grow_ch: int = 32,
         res_scale: float = 0.2,
         upsample_skip: str = "none",
+        pixel_unshuffle: bool = True,
     ):
         super().__init__()
         if scale not in _UNSHUFFLE_FACTOR:
@@ -130,11 +137,15 @@ class RRDBNet(nn.Module):
         self.arch = {"num_in_ch": num_in_ch, "num_out_ch": num_out_ch, "scale": scale, "num_feat": num_feat,
                      "num_block": num_block, "num_grow_ch": num_grow_ch, "res_scale": float(res_scale),
                      "upsample_skip": upsample_skip}
+        if not pixel_unshuffle:  # recorded only when off: files of BasicSR-layout models stay as they were
+            self.arch["pixel_unshuffle"] = False
         self.upsample_skip = upsample_skip
         self.mean_skip = num_in_ch != num_out_ch  # a plain bool: torch.fx traces no branch on a shape
         self.scale = scale
         self.res_scale = res_scale
-        self.unshuffle = _UNSHUFFLE_FACTOR[scale]
+        self.unshuffle = _UNSHUFFLE_FACTOR[scale] if pixel_unshuffle else 1
+        # Nearest x2 upsamplings before conv_up1 / conv_up2: two at scale 4 and with pixel-unshuffle.
+        self.num_upsample = (scale * self.unshuffle).bit_length() - 1
         self.conv_first = nn.Conv2d(num_in_ch * self.unshuffle**2, num_feat, 3, 1, 1)
         self.body = nn.Sequential(
             *[RRDB(num_feat=num_feat, num_grow_ch=num_grow_ch, res_scale=res_scale) for _ in range(num_block)]
@@ -153,8 +164,10 @@ class RRDBNet(nn.Module):
         feat = F.pixel_unshuffle(x, self.unshuffle) if self.unshuffle > 1 else x
         feat = self.conv_first(feat)  # (B, num_feat, H / u, W / u)
         feat = feat + self.conv_body(self.body(feat))
-        feat = F.leaky_relu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2, inplace=True)
-        feat = F.leaky_relu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2, inplace=True)
+        for index, conv in enumerate((self.conv_up1, self.conv_up2)):
+            if index < self.num_upsample:
+                feat = F.interpolate(feat, scale_factor=2, mode="nearest")
+            feat = F.leaky_relu(conv(feat), 0.2, inplace=True)
         out = self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2, inplace=True))
         if self.upsample_skip == "none":
             return out

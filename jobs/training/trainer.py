@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gan_core.config import Config
+from gan_core.data.shards import shards_hold_pairs
 from jobs.cli import JobError
 from jobs.training.worker import train_loop_per_worker
 
@@ -45,14 +46,20 @@ def build_trainer(cfg: Config, *, num_workers: int | tuple[int, int], use_gpu: b
         dataset = StreamDatasetProvider(cfg, num_workers=num_workers, resume_from=loop_config.get("resume_from"))
     else:
         dataset = ray.data.read_parquet(cfg.data.train)
+        names = dataset.schema().names
+        columns = ["image", *(["input"] if "input" in names else [])]  # paired shards carry the input image too
+        if cfg.task.name == "fusion" and "://" not in cfg.data.train and not shards_hold_pairs(cfg.data.train):
+            raise JobError(f"task fusion trains on IR / visible pairs; the shards of {cfg.data.train} hold single "
+                           "images: write them from ir/ and vi/ folders with `python -m jobs.prepare_data --task "
+                           "fusion --src FOLDER --out SHARDS`")
         if cfg.data.sampling == "source":
-            if "source" not in dataset.schema().names:
+            if "source" not in names:
                 raise JobError(f"data.sampling=source needs a `source` column in the shards of {cfg.data.train}; "
                                "rewrite them with `python -m jobs.prepare_data` or use data.sampling=tile")
             # Rows mixed across workers, so that every worker sees every source photo (a shard holds a few photos).
-            dataset = dataset.select_columns(["image", "source"]).random_shuffle(seed=cfg.train.seed)
+            dataset = dataset.select_columns([*columns, "source"]).random_shuffle(seed=cfg.train.seed)
         else:
-            dataset = dataset.select_columns(["image"])
+            dataset = dataset.select_columns(columns)
     # Same seed, same run: which rows each worker gets must not depend on which Ray Data task finishes
     # first (it did when two trials trained at once: equal-LR trials drifted apart by 2e-5 dB).
     ingest = ray.train.DataConfig.default_ingest_options()

@@ -200,6 +200,26 @@ class RayCluster:
             self.worker.kill()
             self.start_worker()
         self.wait_for_nodes(2)
+        self.wait_for_free_trainer_slots(2)
+
+    def free_trainer_slots(self) -> float:
+        """The cluster's available `trainer` resource, as the scheduler sees it now."""
+        code = (f"import ray; ray.init(address={self.address!r}, log_to_driver=False); "
+                "print(ray.available_resources().get('trainer', 0.0))")
+        done = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120,
+                              check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"cannot read the cluster's resources: {done.stderr[-2000:]}")
+        return float(done.stdout.strip().splitlines()[-1])
+
+    def wait_for_free_trainer_slots(self, count: int, timeout: float = 120.0) -> None:
+        """Until both trainer slots are free: a node that just joined, or the actors of a run that just ended, can
+        leave the scheduler's view a slot short for a few seconds, and an elastic run would then start smaller."""
+        deadline = time.time() + timeout
+        while (free := self.free_trainer_slots()) < count:
+            if time.time() > deadline:
+                raise TimeoutError(f"expected {count} free trainer slots, have {free}")
+            time.sleep(1)
 
 
 def _node_ports() -> list[str]:

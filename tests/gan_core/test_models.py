@@ -337,3 +337,28 @@ def test_generator_config_rebuilds_the_network_with_every_option():
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in generator.state_dict().items()}
     with pytest.raises(TypeError, match="not a generator"):
         generator_config(nn.Conv2d(3, 3, 3))
+
+
+@pytest.mark.parametrize("scale", [1, 2])
+def test_full_resolution_trunk_keeps_the_keys_and_sees_every_pixel(scale):
+    """pixel_unshuffle=False: conv_first takes the image itself (not 4 or 16 folded pixels), the same weight names
+    with the same shapes elsewhere, the output at `scale`; recorded in the config (and only when off)."""
+    folded = build_generator("rrdb", scale=scale, num_feat=8, num_block=1, num_grow_ch=4)
+    full = build_generator("rrdb", scale=scale, num_feat=8, num_block=1, num_grow_ch=4, pixel_unshuffle=False)
+    assert folded.state_dict().keys() == full.state_dict().keys()
+    assert full.conv_first.in_channels == 3 and folded.conv_first.in_channels == 3 * (4 // scale) ** 2
+    assert all(full.state_dict()[k].shape == v.shape for k, v in folded.state_dict().items() if "conv_first" not in k)
+    x = torch.rand(1, 3, 6, 10)  # no multiple of 4 or 2 needed without the unshuffle
+    assert full(x).shape == (1, 3, 6 * scale, 10 * scale)
+    assert "pixel_unshuffle" not in generator_config(folded) and generator_config(full)["pixel_unshuffle"] is False
+    assert build_generator(**generator_config(full)).conv_first.in_channels == 3
+    # Every output pixel depends on its own input pixel through the full-resolution trunk: a one-pixel change
+    # moves the output at that pixel most (the folded trunk spreads it over its 4x4 / 2x2 block).
+    full.eval()
+    with torch.no_grad():
+        for conv in (full.conv_last,):
+            conv.weight.normal_(0, 0.1)
+        bumped = x.clone()
+        bumped[0, :, 3, 5] += 0.5
+        change = (full(bumped) - full(x)).abs().sum(dim=1)[0]
+    assert change.argmax().item() // change.shape[1] in range(3 * scale - 1, 3 * scale + scale + 1)

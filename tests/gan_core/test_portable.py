@@ -113,3 +113,10 @@ def test_not_a_safetensors_file(tmp_path):
     bad.write_bytes(b"not safetensors at all")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_generator(bad)
+
+
+def test_a_full_resolution_x1_trunk_loads_in_gan_core_only():
+    base = {"name": "rrdb", "num_grow_ch": 32, "res_scale": 0.2, "upsample_skip": "none"}
+    assert ecosystem_problems({**base, "scale": 1, "pixel_unshuffle": False}) == [
+        "pixel_unshuffle is off (ESRGAN loaders pixel-unshuffle x1 / x2 inputs)"]
+    assert ecosystem_problems({**base, "scale": 4, "pixel_unshuffle": False}) == []  # x4 never unshuffles

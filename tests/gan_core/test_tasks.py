@@ -8,7 +8,7 @@ import torch
 from gan_core.config import ConfigError
 from gan_core.data.pairs import random_gt_patch
 from gan_core.loop import fit, make_sampler, setup_state, validator
-from gan_core.losses.fusion import fusion_content_loss, laplacian
+from gan_core.losses.fusion import fusion_content_loss, laplacian, max_content_loss, sobel_magnitude
 from gan_core.scoring import evaluate_images, mean_metrics, sample_grid
 from gan_core.tasks import build_task, luma
 from tests.gan_core.conftest import tiny_config
@@ -107,6 +107,22 @@ def test_fusion_pairs_metrics_and_loss():
     assert fusion_content_loss(ir, ir, vi, gradient_weight=0.0).item() == 0.0
     expected = torch.mean((laplacian(ir) - laplacian(vi)) ** 2)
     assert fusion_content_loss(ir, ir, vi, gradient_weight=5.0).item() == pytest.approx(5 * expected.item())
+
+
+def test_max_content_loss_by_hand():
+    """SeAFusion's loss on 3 x 3 images: |grad| = |Gx| + |Gy| with replicate padding; targets are the per-pixel
+    maxima of the two sources."""
+    ir = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]).view(1, 1, 3, 3)  # one bright pixel
+    vi = torch.full((1, 1, 3, 3), 0.5)  # flat: no gradient anywhere
+    # Sobel of the bright centre: Gx = [[1,0,-1],[2,0,-2],[1,0,-1]] * 1 over the 3 x 3 (the kernel flipped),
+    # |Gx| + |Gy| = [[2, 2, 2], [2, 0, 2], [2, 2, 2]].
+    assert torch.equal(sobel_magnitude(ir)[0, 0], torch.tensor([[2.0, 2.0, 2.0], [2.0, 0.0, 2.0], [2.0, 2.0, 2.0]]))
+    assert torch.equal(sobel_magnitude(vi), torch.zeros_like(vi))
+    target = torch.maximum(ir, vi)  # 0.5 everywhere, 1 at the centre
+    assert max_content_loss(target, ir, vi, gradient_weight=0.0).item() == 0.0
+    # The flat visible image as the output: intensity |0.5 - 1| at one pixel of 9; texture |0 - 2| at 8 of 9.
+    loss = max_content_loss(vi, ir, vi, intensity_weight=1.0, gradient_weight=10.0)
+    assert loss.item() == pytest.approx(0.5 / 9 + 10 * 16 / 9)
 
 
 class Identity(torch.nn.Module):

@@ -137,16 +137,14 @@ def test_bad_arguments_fail_clearly(ray_local, folder, capsys):
 
 
 def test_fusion_model_fuses_ir_vi_pairs_and_counts_the_unmatched_file(ray_local, tmp_path, capsys):
-    # TODO(lead): a public save_generator(..., task=) (/tmp/coord/serving_questions.md)
-    from gan_core.checkpoint import _write_generator_file
     from gan_core.inference import enhance
-    from gan_core.models import build_generator, generator_config
+    from gan_core.checkpoint import save_generator
+    from gan_core.models import build_generator
     from jobs.enhance import EXIT_SOME_FAILED, main
 
     torch.manual_seed(0)
     generator = build_generator(scale=1, num_in_ch=2, num_out_ch=1, num_feat=8, num_block=1, num_grow_ch=4).eval()
-    model = _write_generator_file(tmp_path / "fusion.pt", generator_config(generator), generator.state_dict(), 1,
-                                  task={"name": "fusion"})
+    model = save_generator(tmp_path / "fusion.pt", generator, 1, task={"name": "fusion"})
     root = tmp_path / "pairs"
     (root / "ir").mkdir(parents=True)
     (root / "vi").mkdir()
@@ -183,7 +181,7 @@ def test_fusion_model_fuses_ir_vi_pairs_and_counts_the_unmatched_file(ray_local,
     assert summary["written"] == 1 and summary["failed"] == []
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "gray" / "a.png")),
                                   enhance(generator, visible, 1, ir=ir, colour=False, tile=256))
-    sr_model = _write_generator_file(tmp_path / "sr.pt", TINY, rrdb_tiny().state_dict(), 1)
+    sr_model = save_generator(tmp_path / "sr.pt", rrdb_tiny(), 1)
     from jobs.cli import run_main
 
     with pytest.raises(SystemExit) as exit_info:

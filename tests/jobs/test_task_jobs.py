@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from gan_core.checkpoint import _write_generator_file, generator_task, save_generator
+from gan_core.checkpoint import generator_task, save_generator
 from gan_core.metrics import psnr
-from gan_core.models import build_generator, generator_config
+from gan_core.models import build_generator
 from gan_core.task_config import TASK_METRIC_KEYS
 from jobs.cli import JobError
 from jobs.tracking.registry import describe_evaluation, gate_promotion
@@ -32,9 +32,7 @@ def tiny_generator(num_in_ch: int, num_out_ch: int) -> torch.nn.Module:
 def generator_file(path, task: dict | None, num_in_ch: int = 3, num_out_ch: int = 3):
     """A generator file that records `task` (or, with None, none: plain super-resolution as far as it says)."""
     generator = tiny_generator(num_in_ch, num_out_ch)
-    if task is None:
-        return save_generator(path, generator)
-    return _write_generator_file(path, generator_config(generator), generator.state_dict(), 0, task=task)
+    return save_generator(path, generator, task=task)
 
 
 def smooth_image(seed: int, height: int = 32, width: int = 40) -> np.ndarray:

@@ -17,10 +17,9 @@ import torch
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-# TODO(lead): a public save_generator(..., task=) (/tmp/coord/serving_questions.md)
-from gan_core.checkpoint import _write_generator_file
+from gan_core.checkpoint import save_generator
 from gan_core.inference import enhance
-from gan_core.models import build_generator, generator_config, rrdb_tiny
+from gan_core.models import build_generator, rrdb_tiny
 from jobs.tracking.pyfunc import GeneratorModel, log_generator_model
 
 
@@ -28,7 +27,7 @@ def _generator_file(path, in_ch: int, out_ch: int, task: dict | None):
     torch.manual_seed(0)
     generator = build_generator(scale=1, num_in_ch=in_ch, num_out_ch=out_ch, num_feat=8, num_block=1,
                                 num_grow_ch=4).eval()
-    return _write_generator_file(path, generator_config(generator), generator.state_dict(), 1, task=task), generator
+    return save_generator(path, generator, 1, task=task), generator
 
 
 def _model(generator_file) -> GeneratorModel:
@@ -106,7 +105,7 @@ def test_models_that_are_not_fusion_refuse_an_ir_column(tmp_path):
     with pytest.raises(MlflowException, match="param gray is for fusion models"):
         gray_model.predict(None, pd.DataFrame({"image": [_png(visible)]}), params={"gray": True})
     torch.manual_seed(0)
-    sr_file = _write_generator_file(tmp_path / "sr.pt", generator_config(rrdb_tiny()), rrdb_tiny().state_dict(), 1)
+    sr_file = save_generator(tmp_path / "sr.pt", rrdb_tiny(), 1)
     sr_model = _model(sr_file)
     assert sr_model.enhance(visible).shape == (84, 108, 3)
     with pytest.raises(MlflowException, match="column 'ir' is for fusion models; this model is sr \\(3 -> 3"):
