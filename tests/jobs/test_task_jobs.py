@@ -23,15 +23,15 @@ from jobs.tracking.registry import describe_evaluation, gate_promotion
 FUSION_GAIN = ("gain_qabf", "qabf", "average_qabf")  # gan_core.tasks.Fusion.gain
 
 
-def tiny_generator(num_in_ch: int, num_out_ch: int) -> torch.nn.Module:
+def tiny_generator(num_in_ch: int, num_out_ch: int, **options) -> torch.nn.Module:
     torch.manual_seed(0)
     return build_generator(scale=1, num_in_ch=num_in_ch, num_out_ch=num_out_ch, num_feat=8, num_block=1,
-                           num_grow_ch=4).eval()
+                           num_grow_ch=4, **options).eval()
 
 
-def generator_file(path, task: dict | None, num_in_ch: int = 3, num_out_ch: int = 3):
+def generator_file(path, task: dict | None, num_in_ch: int = 3, num_out_ch: int = 3, **options):
     """A generator file that records `task` (or, with None, none: plain super-resolution as far as it says)."""
-    generator = tiny_generator(num_in_ch, num_out_ch)
+    generator = tiny_generator(num_in_ch, num_out_ch, **options)
     return save_generator(path, generator, task=task)
 
 
@@ -238,14 +238,17 @@ def test_version_description_names_the_task_baseline():
 # -- export -------------------------------------------------------------------------------------------------
 
 def test_export_fusion_generator_to_onnx_and_int8(tmp_path, capsys):
+    """The task recipes' generator (full-resolution trunk, nearest skip): exact in ONNX, gan_core-only files."""
     pytest.importorskip("onnxruntime")
     from jobs.export import main
 
-    model = generator_file(tmp_path / "fusion.pt", {"name": "fusion"}, 2, 1)
+    model = generator_file(tmp_path / "fusion.pt", {"name": "fusion"}, 2, 1, pixel_unshuffle=False,
+                           upsample_skip="nearest")
     write_fusion_pairs(tmp_path / "fusion")
     result = main(["--model", str(model), "--data", str(tmp_path / "fusion"), "--output", str(tmp_path / "out")])
     printed = capsys.readouterr().out
     assert result["task"] == "fusion"
+    assert result["portable"]["pth"] is None and any("pixel_unshuffle" in p for p in result["portable"]["problems"])
     assert result["onnx"]["max_abs_diff"] < 1e-4 and (tmp_path / "out" / "generator.onnx").is_file()
     int8 = result["int8"]
     assert int8["metric"] == "qabf" and {"qabf_fp32", "qabf_int8", "qabf_change", "average_qabf"} <= set(int8)

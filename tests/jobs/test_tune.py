@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from gan_core.checkpoint import read_checkpoint
 from gan_core.config import ConfigError
 from jobs import tune
+from jobs.tracking.model_source import resolve_model
 from tests.jobs.conftest import REPO, tiny_overrides
 
 DEMO = REPO / "jobs" / "configs" / "demo.yaml"
@@ -55,11 +57,13 @@ def what_holds_cpus(ray) -> str:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def ray_local(s3_server):
     """A local cluster of the sweeps' own (shadows the session one): the CPU checks below then count only what
-    the sweeps hold, and PBT gets the two concurrent trials it needs."""
+    the sweeps hold, and PBT gets the two concurrent trials it needs. Its processes get the S3 server's AWS_*
+    variables, as in the session cluster (the PBT sweep keeps its state and checkpoints in the bucket)."""
     import ray
 
+    os.environ.update(s3_server.env)
     ray.shutdown()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
     yield ray
@@ -168,7 +172,10 @@ param_space:
 
 
 @pytest.mark.slow
-def test_pbt_exploit_restarts_from_donor_step_with_mutated_lr(ray_local, mlflow_server, demo_data, tmp_path):
+def test_pbt_exploit_restarts_from_donor_step_with_mutated_lr(ray_local, mlflow_server, demo_data, s3_server,
+                                                              tmp_path):
+    """PBT with the sweep on S3 (run.storage_path=s3://...): Tune's experiment state, every trial's checkpoints and
+    the exploit's restore from the donor's checkpoint all go through the bucket."""
     assert wait_for_free_cpus(ray_local, 4.0) == 4.0, what_holds_cpus(ray_local)  # PBT needs both trials at once
     # Two trials share the 4 CPUs (0.5 CPU for the one worker and for the trial driver, 1 CPU left for Ray Data);
     # synch PBT perturbs once, at step 4, when both are there: the 5e-2 trial must clone the 1e-7 one.
@@ -188,9 +195,14 @@ param_space:
 """)
     summary = tune.main(["--space", space, "--workers-per-trial", "1", "--cpus-per-worker", "0.5", "--trial-cpus",
                          "0.5", "--name", "pbt", "--tracking-uri", mlflow_server,
-                         *tiny_overrides(demo_data, tmp_path / "runs", steps=6, **SHARP)])
+                         *tiny_overrides(demo_data, tmp_path / "runs", steps=6,
+                                         **{**SHARP, "run.storage_path": s3_server.url("pbt")})])
 
     rows = {row["trial"]: row for row in summary["trials"]}
+    assert not (tmp_path / "runs").exists(), "nothing of the sweep on the local disk"
+    stored = s3_server.keys("pbt/")
+    assert any(key.endswith("checkpoint.pt") for key in stored)
+    assert any("experiment_state" in key or "tuner.pkl" in key for key in stored), sorted(stored)[:20]
     exploits = [record for row in rows.values() for record in row["exploits"]]
     assert len(exploits) == 1, exploits
     (record,) = exploits
@@ -214,7 +226,8 @@ param_space:
     lr_before = [m.value for m in client.get_metric_history(run_id, "lr/g") if m.step <= 4]
     assert lr_before and all(v == pytest.approx(BAD_LR) for v in lr_before)
     # The optimizer in the trial's final checkpoint holds the new LR; the checkpoint names the trial's own run.
-    payload = read_checkpoint(exploited["checkpoint"])
+    assert exploited["checkpoint"].startswith(s3_server.url("pbt"))
+    payload = read_checkpoint(resolve_model(exploited["checkpoint"], tmp_path / "download").path)
     assert payload["step"] == 6 and payload["config"]["optim"]["g_lr"] == pytest.approx(new_lr)
     assert payload["g_optimizer"]["param_groups"][0]["lr"] == pytest.approx(new_lr)
     assert payload["extra"]["mlflow_run_id"] == run_id
