@@ -343,6 +343,12 @@ def _resolve_file(path: str | Path) -> Path:
 
 
 def _torch_load(file: Path, map_location: str | torch.device) -> object:
+    with open(file, "rb") as handle:
+        head = handle.read(4)
+    # torch.save writes a zip ("PK"), older torch a pickle (protocol byte 0x80); anything else (a JSON or YAML file
+    # picked by a glob) would fail deep in the unpickler with an empty reason.
+    if head and not head.startswith((b"PK", b"\x80")):
+        raise ValueError(f"{file} is not a torch.save file (it starts with {head!r}); {_EXPECTED}")
     try:
         return torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:

@@ -3,7 +3,8 @@
 Each tile is run with `tile_overlap` pixels of real context on every side and only its centre is
 kept, so seams do not show (the Real-ESRGAN scheme). With an overlap at least as large as the
 generator's receptive radius (about 18 LR pixels for `rrdb_tiny`, far more for ESRGAN's 23 blocks;
-a x1 RRDB works at quarter resolution, so its radius in input pixels is about four times its depth)
+a BasicSR-layout x1 RRDB works at quarter resolution, so its radius in input pixels is about four times its
+depth; one with `pixel_unshuffle=False` works on every pixel)
 the result equals a whole-image pass up to float rounding; smaller overlaps trade exactness for
 less recomputation.
 
@@ -28,7 +29,7 @@ fused image. A gray visible image gives a gray (H x W) result.
 
 Generators that pixel-unshuffle their input (RRDBNet at scale 2 and 1) need H and W divisible by
 2 or 4: the whole image is padded once (reflect) to that multiple and the tile grid is aligned
-to it, so no tile ever needs padding of its own.
+to it, so no tile ever needs padding of its own (full-resolution trunks are padded the same way: harmless).
 
 Memory. A tiled `enhance_image` never holds the image's float32 output (12 * scale**2 bytes per
 input pixel, 192 at x4, and as much again while rounding it): each tile's centre is rounded to

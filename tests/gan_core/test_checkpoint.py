@@ -228,6 +228,10 @@ def test_load_bad_files_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="not a torch.save file"):
         (tmp_path / "b.pth").write_text("hello")
         load_generator(tmp_path / "b.pth")
+    # A Ray run folder's JSON snapshot picked by a glob: named as what it is, not as an unpickling failure.
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text('{"checkpoints": []}')
+    with pytest.raises(ValueError, match=r"snapshot.json is not a torch.save file \(it starts with b'\{\"ch'\)"):
+        load_generator(tmp_path / "checkpoint_manager_snapshot.json")
     with pytest.raises(ValueError, match="'other/9' is not supported"):
         load_generator(_save({"format": "other/9"}, tmp_path / "c.pt"))
     with pytest.raises(ValueError, match="objects other than tensors"):
