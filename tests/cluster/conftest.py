@@ -201,6 +201,26 @@ class RayCluster:
             self.start_worker()
         self.wait_for_nodes(2)
         self.wait_for_free_trainer_slots(2)
+        self.refresh_train_resource_view()
+
+    def refresh_train_resource_view(self) -> None:
+        """Make Ray Train's resource view current. An elastic run sizes its first worker group from the
+        reservations of the cluster's AutoscalingCoordinator actor (detached, one per cluster), which re-reads the
+        node list every 20 s: right after a node restart it may still list the dead node and not the new one, and
+        the run starts with 1 worker although both are free (seen in CI). A `recompute` query makes it re-read the
+        nodes and drop expired requests now. No-op before the first Train run created the actor."""
+        code = (f"import ray; ray.init(address={self.address!r}, log_to_driver=False)\n"
+                "try:\n"
+                "    actor = ray.get_actor('AutoscalingCoordinator', namespace='AutoscalingCoordinator')\n"
+                "except ValueError:\n"
+                "    actor = None\n"
+                "if actor is not None:\n"
+                "    ray.get(actor.get_reserved_resources.remote('gan-enhance-tests', recompute=True), timeout=60)\n"
+                "print('refreshed' if actor is not None else 'no coordinator yet')")
+        done = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120,
+                              check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"cannot refresh Ray Train's resource view: {done.stderr[-2000:]}")
 
     def free_trainer_slots(self) -> float:
         """The cluster's available `trainer` resource, as the scheduler sees it now."""
@@ -222,10 +242,25 @@ class RayCluster:
             time.sleep(1)
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _distinct_free_ports(count: int) -> list[int]:
+    """`count` free ports never handed out before in this session. Each free_port() closes its socket, so two
+    calls can return the same port (seen: the dashboard agent's HTTP and gRPC ports equal, `ray start` refused)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            ports.append(port)
+    return ports
+
+
 def _node_ports() -> list[str]:
-    return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-            "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
-            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port())]
+    flags = ["--node-manager-port", "--object-manager-port", "--metrics-export-port", "--runtime-env-agent-port",
+             "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port"]
+    return [item for flag, port in zip(flags, _distinct_free_ports(len(flags))) for item in (flag, str(port))]
 
 
 @pytest.fixture(scope="module")
@@ -238,12 +273,12 @@ def ray_cluster(s3_server, tmp_path_factory):
            "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_V2_ENABLED": "1",
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
-    port = free_port()
+    port, client_port = _distinct_free_ports(2)
     head = ClusterNode(
         "head", HEAD_IP, root / "head",
         ["--head", "--port", str(port), "--node-ip-address", HEAD_IP, "--temp-dir", str(root / "head"),
          "--num-cpus", "4", "--resources", json.dumps({"trainer": 1}), "--include-dashboard", "false",
-         "--ray-client-server-port", str(free_port()), "--min-worker-port", "0", "--max-worker-port", "0",
+         "--ray-client-server-port", str(client_port), "--min-worker-port", "0", "--max-worker-port", "0",
          "--disable-usage-stats", *_node_ports()],
         env, log_dir)
     address = f"{HEAD_IP}:{port}"

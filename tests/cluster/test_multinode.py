@@ -181,11 +181,17 @@ def test_elastic_run_shrinks_and_grows(per_node_run, ray_cluster, mlflow_server,
                                         *overrides(demo_data, s3_server, "elastic", steps=steps)], log)
     timeline = []
     try:
-        wait_for(lambda: latest_step(client, "elastic") >= 2 * ckpt_every + 5, "step 25", 300, process, log)
-        timeline.append(("kill worker node", latest_step(client, "elastic"), time.time()))
+        # On both nodes before the kill: an elastic run may start on the one node Ray Train's resource view shows
+        # (it lags a node restart by up to 20 s) and grow as soon as it sees the other.
+        wait_for(lambda: latest_step(client, "elastic") >= 2 * ckpt_every + 5
+                 and worker_groups(client, find_run(client, "elastic").info.run_id)[-1]["world_size"] == 2,
+                 "step 25 on 2 workers", 300, process, log)
+        killed_at = time.time()
+        timeline.append(("kill worker node", latest_step(client, "elastic"), killed_at))
         ray_cluster.worker.kill()
         run_id = find_run(client, "elastic").info.run_id
-        shrunk = wait_for(lambda: next((g for g in worker_groups(client, run_id) if g["world_size"] == 1), None),
+        shrunk = wait_for(lambda: next((g for g in worker_groups(client, run_id)
+                                        if g["world_size"] == 1 and g["time"] > killed_at), None),
                           "a 1-worker group", 180, process, log)
         timeline.append(("1 worker from", shrunk["step"], shrunk["time"]))
         wait_for(lambda: latest_step(client, "elastic") >= shrunk["step"] + 5, "5 steps on 1 worker", 120, process,
@@ -201,7 +207,8 @@ def test_elastic_run_shrinks_and_grows(per_node_run, ray_cluster, mlflow_server,
     groups = worker_groups(client, run.info.run_id)
     timeline += [(f"{g['world_size']} worker(s) from", g["step"], g["time"]) for g in groups]
     sizes = [g["world_size"] for g in groups]
-    assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2, sizes
+    shrunk_at = sizes.index(1, sizes.index(2))  # a 1-worker group after a 2-worker one: the kill
+    assert sizes[-1] == 2 and shrunk_at < len(sizes) - 1, sizes
     last = groups[-1]
     assert len({w["node_id"] for w in last["workers"]}) == 2, last  # grown back onto both nodes
     for group in groups:  # the global batch holds: 2 x 2, or 1 x 4
@@ -215,7 +222,9 @@ def test_elastic_run_shrinks_and_grows(per_node_run, ray_cluster, mlflow_server,
     elastic_pix = history(client, run.info.run_id, "g/pix")
     base_pix = history(client, base_run.info.run_id, "g/pix")
     first_resize = groups[1]["step"]
-    same = [abs(elastic_pix[s] - base_pix[s]) / base_pix[s] for s in range(1, first_resize + 1)]
+    # Identical to the uninterrupted run until the first resize, when the run started on both nodes.
+    same = [abs(elastic_pix[s] - base_pix[s]) / base_pix[s] for s in range(1, first_resize + 1)] \
+        if sizes[0] == 2 else [0.0]
     # After the first resize the patches differ (shards re-split, samplers reseeded): compare 10-step means.
     window = 10
     means = [(sum(elastic_pix[s] for s in range(i, i + window)) / window,
@@ -228,6 +237,8 @@ def test_elastic_run_shrinks_and_grows(per_node_run, ray_cluster, mlflow_server,
     print(f"g/pix 10-step means: max relative difference {max(relative):.3f}, mean {sum(relative) / len(relative):.3f}")
     print(f"final val/psnr_y elastic {psnr[0]:.3f} dB, uninterrupted {psnr[1]:.3f} dB")
     assert max(same) < 1e-4  # identical until the first resize: same seed, same shards, same global batch
+    if sizes[0] != 2:
+        print("the run started on 1 worker (Ray Train had not seen the restarted node yet): no exact comparison")
     # A coarse bound: 10-step means of a tiny run are noisy (measured: mean 0.157, max 0.596 here).
     assert sum(relative) / len(relative) < 0.25 and max(relative) < 1.0
     assert abs(psnr[0] - psnr[1]) < 0.5

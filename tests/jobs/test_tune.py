@@ -261,16 +261,16 @@ def test_sweep_with_failed_trials_exits_1_after_the_summary(ray_local, mlflow_se
         return exited.value.code, summaries[-1], captured.out + captured.err
 
     # Every trial fails.
-    code, summary, output = sweep("all-failed", f"  data.val: {{grid: ['{empty_val}', '{empty_val}']}}\n")
+    code, summary, output = sweep("all-failed", f"  data.val: {{grid: ['{empty_val}']}}\n")
     assert code == 1
-    assert [row["status"] for row in summary["trials"]] == ["error", "error"]
-    assert summary["best"] is None and summary["failure"].startswith("all 2 trial(s) errored")
+    assert [row["status"] for row in summary["trials"]] == ["error"]
+    assert summary["best"] is None and summary["failure"].startswith("all 1 trial(s) errored")
     for row in summary["trials"]:  # the summary names each trial's cause, not Ray's wrapping
         assert f"error in {row['trial']}: FileNotFoundError: data.val: {empty_val}: holds no readable images" in output
-    assert output.index("status") < output.index("[tune] sweep 'all-failed' failed: all 2 trial(s) errored")
+    assert output.index("status") < output.index("[tune] sweep 'all-failed' failed: all 1 trial(s) errored")
     client = MlflowClient(mlflow_server)
     parent = client.get_run(summary["parent_run_id"])
-    assert parent.info.status == "FAILED" and parent.data.metrics["tune/errors"] == 2
+    assert parent.info.status == "FAILED" and parent.data.metrics["tune/errors"] == 1
     assert {run.info.status for run in child_runs(client, parent.info.run_id).values()} == {"FAILED"}
 
     # One trial of two fails: the best of the other is reported, and the command still exits 1.
