@@ -159,14 +159,19 @@ class RayCluster:
 
     def alive_nodes(self) -> list[dict]:
         """The GCS's alive nodes, read by a short-lived client process (this test process stays Ray-free)."""
-        code = (f"import json, ray; ray.init(address={self.address!r}, log_to_driver=False); "
-                "print(json.dumps([{'id': n['NodeID'], 'ip': n['NodeManagerAddress'], 'resources': n['Resources']} "
-                "for n in ray.nodes() if n['Alive']]))")
+        return json.loads(self.ask(
+            "import json\nprint(json.dumps([{'id': n['NodeID'], 'ip': n['NodeManagerAddress'], "
+            "'resources': n['Resources']} for n in ray.nodes() if n['Alive']]))", "list the cluster's nodes"))
+
+    def ask(self, code: str, what: str) -> str:
+        """Run `code` in a short-lived driver attached to the cluster (this test process stays Ray-free); return
+        the last line it printed."""
+        code = f"import ray\nray.init(address={self.address!r}, log_to_driver=False)\n{code}"
         done = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120,
                               check=False)
         if done.returncode != 0:
-            raise RuntimeError(f"cannot list the cluster's nodes: {done.stderr[-2000:]}")
-        return json.loads(done.stdout.strip().splitlines()[-1])
+            raise RuntimeError(f"cannot {what}: {done.stderr[-2000:]}")
+        return done.stdout.strip().splitlines()[-1]
 
     def wait_for_nodes(self, count: int, timeout: float = 120.0) -> list[dict]:
         deadline = time.time() + timeout
@@ -209,28 +214,18 @@ class RayCluster:
         node list every 20 s: right after a node restart it may still list the dead node and not the new one, and
         the run starts with 1 worker although both are free (seen in CI). A `recompute` query makes it re-read the
         nodes and drop expired requests now. No-op before the first Train run created the actor."""
-        code = (f"import ray; ray.init(address={self.address!r}, log_to_driver=False)\n"
-                "try:\n"
-                "    actor = ray.get_actor('AutoscalingCoordinator', namespace='AutoscalingCoordinator')\n"
-                "except ValueError:\n"
-                "    actor = None\n"
-                "if actor is not None:\n"
-                "    ray.get(actor.get_reserved_resources.remote('gan-enhance-tests', recompute=True), timeout=60)\n"
-                "print('refreshed' if actor is not None else 'no coordinator yet')")
-        done = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120,
-                              check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"cannot refresh Ray Train's resource view: {done.stderr[-2000:]}")
+        self.ask("try:\n"
+                 "    actor = ray.get_actor('AutoscalingCoordinator', namespace='AutoscalingCoordinator')\n"
+                 "except ValueError:\n"
+                 "    actor = None\n"
+                 "if actor is not None:\n"
+                 "    ray.get(actor.get_reserved_resources.remote('gan-enhance-tests', recompute=True), timeout=60)\n"
+                 "print('refreshed' if actor is not None else 'no coordinator yet')",
+                 "refresh Ray Train's resource view")
 
     def free_trainer_slots(self) -> float:
         """The cluster's available `trainer` resource, as the scheduler sees it now."""
-        code = (f"import ray; ray.init(address={self.address!r}, log_to_driver=False); "
-                "print(ray.available_resources().get('trainer', 0.0))")
-        done = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120,
-                              check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"cannot read the cluster's resources: {done.stderr[-2000:]}")
-        return float(done.stdout.strip().splitlines()[-1])
+        return float(self.ask("print(ray.available_resources().get('trainer', 0.0))", "read the cluster's resources"))
 
     def wait_for_free_trainer_slots(self, count: int, timeout: float = 120.0) -> None:
         """Until both trainer slots are free: a node that just joined, or the actors of a run that just ended, can
