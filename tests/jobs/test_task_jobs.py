@@ -1,7 +1,10 @@
 """evaluate, the promotion gate, export and the end-of-run report for the x1 tasks (denoise, lowlight, fusion).
 
 Tiny generators (8 features, 1 block) written as generator files that record their task; tiny images (32 x 40,
-smooth, so that non-local means has something to keep). No MLflow server, no Ray: `--no-log`.
+smooth, so that non-local means has something to keep). Nothing is replaced by a stand-in: the jobs run for real
+with their own `--no-log` flag (a user's option), because what these tests check is the job logic (metrics,
+baselines, the gate's decision, the exported files). The same jobs against a real mlflow server and a real local
+Ray cluster (training, registry, promotion, batch enhancement) are tested in tests/jobs/test_task_train.py.
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ def method_rows(printed: str) -> dict[str, list[float]]:
 
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the default tracking URI is sqlite:///mlflow.db here (nothing is logged)
+    monkeypatch.chdir(tmp_path)  # a working directory of its own: relative outputs of the jobs land in tmp_path
 
 
 # -- evaluate --------------------------------------------------------------------------------------------
