@@ -2,9 +2,9 @@
 
 Design notes
 - Steps are functions of (models, optimizers, batch, config) returning named losses; no hidden state.
-- D's `requires_grad` is never toggled (that breaks `torch.compile` on D). Instead the G step runs D
-  under DDP's `no_sync()` and the D step starts with `zero_grad(set_to_none=True)`, so the D grads that
-  the G step leaves behind are never synced, never applied, and cost no communication.
+- D's `requires_grad` is never toggled (that breaks `torch.compile` on D). Instead the G step's backward
+  names G's parameters as its only `inputs`: autograd goes through D to reach G's output but computes no D
+  weight gradient (a third of D's backward work), and D, under DDP's `no_sync()`, syncs nothing.
 - D is called separately on real and fake batches (BatchNorm statistics stay per batch, as BasicSR);
   under DDP that needs `broadcast_buffers=False`, which jobs/ sets.
 - The gradient penalty uses `autograd.grad(create_graph=True)` and one backward of the total D loss,
@@ -122,7 +122,7 @@ def g_step(
         )
         total = total + losses["g/adv"]
     g_optimizer.zero_grad(set_to_none=True)
-    total.backward()
+    total.backward(inputs=[p for p in generator.parameters() if p.requires_grad])  # no D weight grads
     grad_norm = _clip(generator, cfg.optim.grad_clip)
     g_optimizer.step()
     losses["g/total"] = total
@@ -145,7 +145,7 @@ def d_step(
         `d/total`, and the mean logits `d/real_logit`, `d/fake_logit`.
     """
     loss_cfg = cfg.loss
-    d_optimizer.zero_grad(set_to_none=True)  # also drops the D grads the G step left behind
+    d_optimizer.zero_grad(set_to_none=True)
     real = real.detach()
     if loss_cfg.r1_weight > 0:
         real = real.requires_grad_(True)

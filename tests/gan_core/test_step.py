@@ -1,10 +1,11 @@
+import copy
 import math
 
 import pytest
 import torch
 
 from gan_core.build import build_state
-from gan_core.step import ema_update, phase, train_step
+from gan_core.step import ema_update, g_step, phase, train_step, unwrap
 from tests.gan_core.conftest import batches, tiny_config
 
 MODES = ["vanilla", "relativistic", "lsgan", "hinge", "wgan"]
@@ -110,3 +111,55 @@ def test_gan_steps_run_with_compiled_generator_and_discriminator():
     history = [train_step(state, data, cfg) for _ in range(3)]
     assert all(math.isfinite(float(v)) for h in history for v in h.values())
     assert history[-1]["d/real"] != history[0]["d/real"]
+
+
+def test_g_step_computes_no_discriminator_weight_gradients():
+    # G's backward names G's parameters as its inputs: D is differentiated through, never into.
+    cfg = tiny_config(loss={"adversarial": "relativistic", "adversarial_weight": 0.1})
+    torch.manual_seed(0)
+    state = build_state(cfg, torch.device("cpu"))
+    g_step(state.generator, state.g_optimizer, next(batches(cfg)), cfg, discriminator=state.discriminator)
+    assert all(p.grad is None for p in state.discriminator.parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in state.generator.parameters())
+
+
+def _g_step_grads(generator, discriminator, cfg, rank: int):
+    lq, gt = next(batches(cfg, seed=rank))
+    optimizer = torch.optim.SGD(generator.parameters(), lr=0.0)  # lr 0: the step leaves the weights alone
+    g_step(generator, optimizer, (lq, gt), cfg, discriminator=discriminator)
+    return [p.grad.clone() for p in unwrap(generator).parameters()]
+
+
+def _ddp_g_step_worker(rank: int, world_size: int, port: int) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        cfg = tiny_config(loss={"adversarial": "relativistic", "adversarial_weight": 0.1})
+        torch.manual_seed(0)
+        state = build_state(cfg, torch.device("cpu"))
+        reference = copy.deepcopy(state.generator)
+        ddp_g = DistributedDataParallel(state.generator)
+        ddp_d = DistributedDataParallel(state.discriminator, broadcast_buffers=False)
+        synced = _g_step_grads(ddp_g, ddp_d, cfg, rank)
+        per_rank = [_g_step_grads(copy.deepcopy(reference), state.discriminator, cfg, r) for r in range(world_size)]
+        for got, *each in zip(synced, *per_rank):
+            torch.testing.assert_close(got, sum(each) / world_size, rtol=1e-4, atol=1e-6)
+        assert all(p.grad is None for p in state.discriminator.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_g_step_gradients_are_averaged_under_ddp():
+    # backward(inputs=G's parameters) still fires DDP's gradient hooks: G's grads are the mean over ranks.
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_g_step_worker, args=(2, port), nprocs=2, join=True)  # raises if a rank's assert fails
