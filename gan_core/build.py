@@ -56,9 +56,7 @@ def build_state(cfg: Config, device: torch.device, init_generator: str | Path | 
         generator.load_state_dict(weights)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     generator = generator.to(memory_format=memory_format)
-    g_optimizer = torch.optim.Adam(
-        generator.parameters(), lr=cfg.optim.g_lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
-    )
+    g_optimizer = _adam(generator, cfg.optim.g_lr, cfg)
     state = TrainState(
         generator=generator,
         g_optimizer=g_optimizer,
@@ -71,15 +69,21 @@ def build_state(cfg: Config, device: torch.device, init_generator: str | Path | 
         # D sees G's outputs and the targets: as many channels as G puts out (1 for gray tasks and fusion).
         discriminator = build_discriminator(**cfg.discriminator.kwargs(), num_in_ch=cfg.generator.num_out_ch)
         discriminator = discriminator.to(device, memory_format=memory_format)
-        d_optimizer = torch.optim.Adam(
-            discriminator.parameters(), lr=cfg.optim.d_lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
-        )
+        d_optimizer = _adam(discriminator, cfg.optim.d_lr, cfg)
         state.discriminator = discriminator
         state.d_optimizer = d_optimizer
         state.d_scheduler = build_lr_scheduler(d_optimizer, cfg.schedule, cfg.train.total_steps,
                                                gan_start=_gan_start(cfg))
         state.perceptual = build_perceptual(cfg, device)
+        if state.perceptual is not None:
+            state.perceptual = state.perceptual.to(memory_format=memory_format)
     return state
+
+
+def _adam(model: nn.Module, lr: float, cfg: Config) -> torch.optim.Adam:
+    """Adam as BasicSR's recipes set it; `optim.fused` picks torch's fused kernel over the foreach one."""
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
+                            fused=cfg.optim.fused or None)
 
 
 def _gan_start(cfg: Config) -> int:

@@ -106,6 +106,7 @@ class OptimSection(_Section):
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float | None = Field(None, gt=0.0)  # max global L2 norm, per network
+    fused: bool = False  # torch's fused Adam (one kernel for all parameters; on with --use-gpu)
 
 
 class ScheduleSection(_Section):
@@ -203,6 +204,8 @@ class TrainSection(_Section):
     bf16: bool = False  # autocast to bfloat16 (GPU; on CPU it is slower)
     channels_last: bool = False
     compile: bool = False  # torch.compile G and D
+    # torch.compile's mode; "reduce-overhead" replays CUDA graphs (on a GPU; elsewhere it is "default")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     seed: int = 0
     init_from: str | None = None  # pretrained G: checkpoint dir/file, BasicSR .pth, or MLflow model URI
     val_every: int = Field(500, ge=1)
@@ -339,12 +342,19 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
         raise validation_error(err, source, known_keys()) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+# What a GPU run (`--use-gpu`) turns on unless the recipe or an override sets the key: bf16 autocast,
+# channels_last, torch.compile and fused Adam. On the CPU none of them is a default (bf16 is slower there).
+GPU_DEFAULTS: dict[str, Any] = {"train.bf16": True, "train.channels_last": True, "train.compile": True,
+                                "optim.fused": True}
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, *, use_gpu: bool = False) -> Config:
     """Load a YAML recipe and apply dotted overrides.
 
     Args:
         path: YAML file whose top-level keys are sections of `Config`.
         overrides: `section.key=value` strings; values are parsed as YAML.
+        use_gpu: fill in `GPU_DEFAULTS` for every key of it that neither the recipe nor an override sets.
 
     Returns:
         The validated Config.
@@ -352,8 +362,20 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     Raises:
         ConfigError: the file is missing or not a mapping, or a key is unknown or of the wrong type.
     """
-    data = read_yaml_mapping(path, "config file", "a mapping of sections")
-    return config_from_dict(apply_overrides(data, overrides or []), source=str(path))
+    data = apply_overrides(read_yaml_mapping(path, "config file", "a mapping of sections"), overrides or [])
+    if use_gpu:
+        data = with_gpu_defaults(data)
+    return config_from_dict(data, source=str(path))
+
+
+def with_gpu_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the raw config mapping with each `GPU_DEFAULTS` key it does not set added."""
+    given = set(flatten(data))
+    result = copy.deepcopy(data)
+    for key, value in GPU_DEFAULTS.items():
+        if key not in given:
+            set_dotted(result, key, value)
+    return result
 
 
 def read_yaml_mapping(path: str | Path, kind: str, expected: str = "a mapping") -> dict[str, Any]:

@@ -151,12 +151,20 @@ def wrap_models(state: TrainState, cfg: Config, wrap_generator: Callable[[nn.Mod
         state.discriminator = wrap_discriminator(state.discriminator)
     if not cfg.train.compile:
         return
-    state.generator = torch.compile(state.generator)
+    mode = compile_mode(cfg, next(unwrap(state.generator).parameters()).device)
+    state.generator = torch.compile(state.generator, mode=mode)
     if state.discriminator is not None and (cfg.loss.gp_weight > 0 or cfg.loss.r1_weight > 0):
         # aot_autograd has no double backward, which the gradient penalty and R1 need.
         print("train.compile: D stays eager because loss.gp_weight / loss.r1_weight need double backward", flush=True)
     elif state.discriminator is not None:
-        state.discriminator = torch.compile(state.discriminator)
+        state.discriminator = torch.compile(state.discriminator, mode=mode)
+
+
+def compile_mode(cfg: Config, device: torch.device) -> str:
+    """`train.compile_mode`, less the CUDA graphs where there is no CUDA device to replay them on."""
+    if device.type != "cuda" and cfg.train.compile_mode in ("reduce-overhead", "max-autotune"):
+        return "default" if cfg.train.compile_mode == "reduce-overhead" else "max-autotune-no-cudagraphs"
+    return cfg.train.compile_mode
 
 
 def make_sampler(cfg: Config, images: list, *, rank: int = 0, sources: list[str] | None = None,

@@ -108,7 +108,9 @@ def g_step(
     total = loss_cfg.pixel_weight * build_task(cfg).content_loss(fake32, lq, gt, PIXEL_LOSSES[loss_cfg.pixel])
     losses["g/pix"] = total
     if perceptual is not None and loss_cfg.perceptual_weight > 0:
-        losses["g/percep"] = loss_cfg.perceptual_weight * perceptual(fake32, gt).mean()
+        with autocast(lq.device, cfg.train.bf16):  # the feature network in bf16 too; its criterion is float32
+            percep = perceptual(fake, gt).float().mean()
+        losses["g/percep"] = loss_cfg.perceptual_weight * percep
         total = total + losses["g/percep"]
     if discriminator is not None and loss_cfg.adversarial_weight > 0:
         with autocast(lq.device, cfg.train.bf16), _no_sync(discriminator):
@@ -213,6 +215,8 @@ def train_step(state: TrainState, batches: Iterator[Batch], cfg: Config) -> dict
     Returns:
         Detached scalar losses of this step, plus `lr/g` and `lr/d`.
     """
+    if cfg.train.compile and cfg.train.compile_mode in ("reduce-overhead", "max-autotune"):
+        torch.compiler.cudagraph_mark_step_begin()  # the CUDA graphs' outputs of the last step may be reused
     current = phase(state.step, cfg)
     gan = current != "pretrain" and state.discriminator is not None
     losses: dict[str, torch.Tensor] = {}

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # 1. Everything that can be wrong with the command is found before an MLflow run exists.
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)  # fails here, before Ray starts, on any bad key
+    cfg = load_config(args.config, args.overrides, use_gpu=args.use_gpu)  # fails here, before Ray starts, on any bad key
     run_name = args.name or cfg.run.name or f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = with_absolute_paths(cfg.with_values({"run.name": run_name}))
     check_data_paths(cfg)

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     # 1. Everything that can be wrong with the space is found here, before Ray starts.
     space = load_space(args.space)
-    base = with_absolute_paths(resolve_base_config(space, args.overrides))
+    base = with_absolute_paths(resolve_base_config(space, args.overrides, use_gpu=args.use_gpu))
     checked = check_samples(space, base)
     check_data_paths(base)  # a typo in data.train / data.val fails here (exit 2), not in every trial
     num_samples = args.num_samples or space.num_samples

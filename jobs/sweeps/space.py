@@ -39,6 +39,7 @@ from gan_core.config import (
     read_yaml_mapping,
     set_dotted,
     validation_error,
+    with_gpu_defaults,
     yaml_number,
 )
 from gan_core.scoring import REPORTED_KEYS
@@ -340,8 +341,9 @@ def _find_base(base: str, space_path: Path) -> Path:
     raise ConfigError(f"{space_path}: base recipe {base!r} not found (tried {', '.join(str(c) for c in candidates)})")
 
 
-def resolve_base_config(space: SpaceFile, cli_overrides: list[str] | None = None) -> Config:
-    """The base recipe with the space's overrides, then the command line's `key=value`, applied and validated.
+def resolve_base_config(space: SpaceFile, cli_overrides: list[str] | None = None, *, use_gpu: bool = False) -> Config:
+    """The base recipe with the space's overrides, then the command line's `key=value`, applied and validated;
+    with `use_gpu`, `GPU_DEFAULTS` fill the keys none of them sets.
 
     Raises:
         ConfigError: the recipe is unreadable, or an override names an unknown key or makes the config invalid.
@@ -350,6 +352,8 @@ def resolve_base_config(space: SpaceFile, cli_overrides: list[str] | None = None
     for key, value in space.overrides.items():
         set_dotted(data, key, value)
     data = apply_overrides(data, list(cli_overrides or []))
+    if use_gpu:
+        data = with_gpu_defaults(data)
     return config_from_dict(data, source=f"{space.base} with the space's and the command line's overrides")
 
 

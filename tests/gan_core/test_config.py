@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from gan_core.config import Config, ConfigError, config_from_dict, flatten, known_keys, load_config
+from gan_core.config import GPU_DEFAULTS, Config, ConfigError, config_from_dict, flatten, known_keys, load_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 
@@ -100,3 +100,14 @@ def test_config_is_frozen_and_with_values_revalidates():
     assert (changed.optim.g_lr, changed.run.name, cfg.run.name) == (2e-4, "x", load_config(CONFIG_DIR / "demo.yaml").run.name)
     with pytest.raises(ConfigError, match="optim.g_lr"):
         cfg.with_values({"optim.g_lr": float("inf")})
+
+
+def test_gpu_defaults_fill_only_what_the_recipe_and_overrides_leave_unset(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  bf16: false\n")
+    cpu = load_config(recipe)
+    assert (cpu.train.bf16, cpu.train.channels_last, cpu.train.compile, cpu.optim.fused) == (False,) * 4
+    gpu = load_config(recipe, ["train.compile=false"], use_gpu=True)
+    assert gpu.train.bf16 is False and gpu.train.compile is False  # set by the recipe / the command line
+    assert gpu.train.channels_last is True and gpu.optim.fused is True  # GPU_DEFAULTS
+    assert set(GPU_DEFAULTS) <= known_keys()
