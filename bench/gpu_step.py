@@ -35,6 +35,7 @@ from gan_core.config import GPU_DEFAULTS, Config, config_from_dict
 from gan_core.inference import enhance_tensor
 from gan_core.losses.perceptual import VGGFeatureLoss
 from gan_core.loop import wrap_models
+from gan_core.models import build_generator
 from gan_core.step import TrainState, train_step
 
 
@@ -237,21 +238,25 @@ def inference_rows(args: argparse.Namespace, basicsr: dict, size: Size, device: 
             mode = MODES[key]
             if mode.cuda_only and device.type != "cuda":
                 continue
-            cfg = our_config(size, batch, mode)
             peak_memory_reset(device)
-            state = build_state(cfg, device)
-            generator = state.generator.eval().requires_grad_(False)
+            generator = build_generator(**our_config(size, batch, mode).generator.model_dump())
             generator.load_state_dict(net.state_dict())
+            memory_format = torch.channels_last if mode.channels_last else torch.contiguous_format
+            generator = generator.to(device, memory_format=memory_format).eval().requires_grad_(False)
             if mode.compile:
                 generator = torch.compile(generator, mode=mode.compile_mode)
             xin = x.contiguous(memory_format=torch.channels_last) if mode.channels_last else x
-            with torch.inference_mode():
-                img_s = batch / timed(lambda: enhance_tensor(generator, xin, 4, bf16=mode.bf16), device,
-                                      warmup=args.warmup + (3 if mode.compile else 0), steps=args.steps,
-                                      repeats=args.repeats)
+            img_s = batch / _inference_seconds(generator, xin, mode, args, device)
             rows.append(_row("inference", what, f"ours {mode.name}", img_s, base, None, device))
-            del state, generator
     return rows
+
+
+def _inference_seconds(generator: torch.nn.Module, x: torch.Tensor, mode: Mode, args: argparse.Namespace,
+                       device: torch.device) -> float:
+    """Seconds per batch of `gan_core.inference.enhance_tensor` (what jobs.enhance and the pyfunc model run)."""
+    with torch.inference_mode():
+        return timed(lambda: enhance_tensor(generator, x, 4, bf16=mode.bf16), device,
+                     warmup=args.warmup + (3 if mode.compile else 0), steps=args.steps, repeats=args.repeats)
 
 
 def _row(kind: str, workload: str, name: str, img_s: float, base: float, flops: float | None,
@@ -276,7 +281,7 @@ def numerics(args: argparse.Namespace, basicsr: dict, size: Size, device: torch.
     theirs, mine = step(), {k: float(v) for k, v in ours().items()}
     first = {key: abs(mine[ours_key] / theirs[key] - 1) for key, ours_key in LOSS_PAIRS.items()}
     result = {"first_step_rel_diff_vs_basicsr": first}
-    print(f"first step, ours fp32 vs BasicSR's (relative difference): "
+    print("first step, ours fp32 vs BasicSR's (relative difference): "
           + ", ".join(f"{k} {v:.1e}" for k, v in first.items()), flush=True)
     runs = {}
     for key in ("fp32", "bf16", "compile"):

@@ -29,8 +29,8 @@ twice within an epoch. Not exact: Ray Data's streaming split hands blocks to whi
 which worker trains which row, and so the batches after a resume, differ from an uninterrupted run; rows that
 were handed out but not yet trained at the checkpoint (at most about `prefetch_batches` + 1 batches per
 worker, plus a block in flight) are not trained in that epoch. Rows smaller than a patch count as positions
-but give no patch. Runs that store on a URI (s3://...) restart the stream at epoch 0 (the provider reads
-checkpoints on a file system only); models, optimizers and the step count are restored as always.
+but give no patch. A run that stores on a URI (s3://...) resumes the same way: the provider downloads the
+newest complete checkpoint folder of the run to read the workers' states.
 """
 
 from __future__ import annotations
@@ -189,6 +189,26 @@ def read_stream_start(directory: str | Path) -> StreamStart:
     return stream_start([load_sampler_state(directory, rank) for rank in ranks])
 
 
+def remote_stream_start(run_uri: str) -> StreamStart | None:
+    """The StreamStart of the newest complete checkpoint of a run stored on a URI (s3://...), or None when
+    the run has none yet. The checkpoint folder is downloaded whole (its manifests are checked against every
+    file) into a temporary folder, removed afterwards."""
+    import tempfile
+
+    from jobs.cli import JobError
+    from jobs.tracking.model_source import remote_checkpoint_file
+
+    with tempfile.TemporaryDirectory(prefix="stream-start-") as scratch:
+        try:
+            checkpoint = remote_checkpoint_file(run_uri, Path(scratch))
+        except JobError as err:  # nothing there yet (a first start), or no complete checkpoint: a fresh stream
+            reason = str(err).split(": ", 1)[-1]  # the message names the URI without its query (no keys)
+            print(f"data.loader=stream: the stream starts at epoch 0 (no checkpoint of the run read: {reason})",
+                  flush=True)
+            return None
+        return read_stream_start(checkpoint.parent)
+
+
 class StreamDatasetProvider:
     """`datasets={"train": provider}`: Ray Train (V2) calls it at every worker-group start, so a rerun with
     the same name and a restart after a failure both continue the stream where the checkpoint left it."""
@@ -212,8 +232,9 @@ class StreamDatasetProvider:
             except FileNotFoundError:
                 pass  # no checkpoint of this run yet
         else:
-            print(f"data.loader=stream: run.storage_path={cfg.run.storage_path} is not a file system; the stream "
-                  "starts at epoch 0 (models, optimizers and step are restored as always)", flush=True)
+            remote = remote_stream_start(f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}")
+            if remote is not None:
+                return remote
         if self.resume_from is not None:  # jobs.tune: a trial's last or a PBT donor's checkpoint
             with self.resume_from.as_directory() as directory:
                 return read_stream_start(directory)

@@ -31,7 +31,8 @@ def _checkpoints(storage: Path) -> list[Path]:
     return sorted(path for path in (storage / "stream").glob("checkpoint_*") if path.is_dir())
 
 
-def test_stream_trains_checkpoints_positions_and_resumes(ray_local, demo_data, tmp_path):
+def test_stream_trains_checkpoints_positions_and_resumes(ray_local, demo_data, tmp_path, s3_server, monkeypatch,
+                                                         capsys):
     cfg, first = _fit(demo_data, tmp_path, steps=4)
     assert first.error is None and first.metrics["step"] == 4 and "val/psnr_y" in first.metrics
     assert len(_checkpoints(tmp_path)) == 2  # steps 2 and 4
@@ -44,6 +45,17 @@ def test_stream_trains_checkpoints_positions_and_resumes(ray_local, demo_data, t
     # in order to whichever worker asks), and that is where the rerun's stream starts.
     assert start == StreamStart(0, max(s["next_position"] for s in states)) and start.position >= 16
     assert StreamDatasetProvider(cfg, num_workers=2).start(cfg) == start
+    # The same run folder on S3 (run.storage_path=s3://...): the provider reads the same start from the bucket.
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    on_s3 = cfg.with_values({"run.storage_path": s3_server.url("stream-runs")})
+    assert StreamDatasetProvider(on_s3, num_workers=2).start(on_s3) == StreamStart()  # nothing there yet
+    assert "the stream starts at epoch 0" in capsys.readouterr().out
+    bucket = s3_server.client()
+    for file in (tmp_path / "stream").rglob("*"):
+        if file.is_file():
+            bucket.upload_file(str(file), s3_server.bucket, f"stream-runs/stream/{file.relative_to(tmp_path / 'stream')}")
+    assert StreamDatasetProvider(on_s3, num_workers=2).start(on_s3) == start
 
     cfg, second = _fit(demo_data, tmp_path, steps=6)
     assert second.error is None and second.metrics["step"] == 6
