@@ -100,13 +100,31 @@ def _run(generator: nn.Module, x: torch.Tensor, bf16: bool) -> torch.Tensor:
         return generator(x).float()
 
 
+def _run_tiles(generator: nn.Module, pieces: list[torch.Tensor], bf16: bool, tile_batch: int) -> list[torch.Tensor]:
+    """The generator's output for each piece (N, C, h, w): pieces of one shape run as one batch, `tile_batch`
+    of them at a time (a GPU is fed whole batches; edge tiles, clipped to the image, form their own)."""
+    outputs: list[torch.Tensor] = [None] * len(pieces)  # type: ignore[list-item]
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for index, piece in enumerate(pieces):
+        by_shape.setdefault(tuple(piece.shape), []).append(index)
+    for indices in by_shape.values():
+        for start in range(0, len(indices), tile_batch):
+            chunk = indices[start : start + tile_batch]
+            result = _run(generator, torch.cat([pieces[i] for i in chunk]), bf16)
+            for index, output in zip(chunk, result.split(pieces[chunk[0]].shape[0])):
+                outputs[index] = output
+    return outputs
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _check_tile_settings(tile: int | None, tile_overlap: int) -> None:
+def _check_tile_settings(tile: int | None, tile_overlap: int, tile_batch: int = 1) -> None:
     if tile is not None and (tile < MIN_TILE or tile_overlap < 0):
         raise ValueError(f"tile must be >= {MIN_TILE} and tile_overlap >= 0, got {tile} and {tile_overlap}")
+    if tile_batch < 1:
+        raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
 
 
 def _tile_rows(height: int, width: int, tile: int, overlap: int) -> Iterator[list[tuple[slice, slice, slice, slice]]]:
@@ -136,7 +154,7 @@ def _centre(piece: torch.Tensor, rows: slice, cols: slice, ctx_rows: slice, ctx_
 @torch.no_grad()
 def enhance_tensor(
     generator: nn.Module, x: torch.Tensor, scale: int, *, tile: int | None = None, tile_overlap: int = 16,
-    bf16: bool = False,
+    bf16: bool = False, tile_batch: int = 1,
 ) -> torch.Tensor:
     """Run `generator` on (N, C, H, W) floats in [0, 1], tiled when `tile` is set and smaller than the image.
 
@@ -151,14 +169,16 @@ def enhance_tensor(
             generator's input multiple.
         tile_overlap: LR pixels of context run on each side of a tile and then discarded.
         bf16: run under bf16 autocast.
+        tile_batch: tiles of a row of tiles run together, at most this many per forward pass (a GPU wants
+            whole batches; memory grows with it).
 
     Returns:
         (N, C_out, H*scale, W*scale) floats (not clamped), C_out the generator's output channels.
 
     Raises:
-        ValueError: `tile` < 8 or `tile_overlap` < 0.
+        ValueError: `tile` < 8, `tile_overlap` < 0 or `tile_batch` < 1.
     """
-    _check_tile_settings(tile, tile_overlap)
+    _check_tile_settings(tile, tile_overlap, tile_batch)
     multiple = input_multiple(scale)
     h, w = x.shape[-2:]
     padded = _pad_to_multiple(x, multiple)
@@ -169,8 +189,9 @@ def enhance_tensor(
     tile, tile_overlap = _round_up(tile, multiple), _round_up(tile_overlap, multiple)
     out = None  # allocated at the first tile: the generator's output channels need not be the input's
     for row in _tile_rows(ph, pw, tile, tile_overlap):
-        for rows, cols, ctx_rows, ctx_cols in row:
-            piece = _run(generator, padded[..., ctx_rows, ctx_cols], bf16)
+        pieces = _run_tiles(generator, [padded[..., ctx_rows, ctx_cols] for _, _, ctx_rows, ctx_cols in row], bf16,
+                            tile_batch)
+        for (rows, cols, ctx_rows, ctx_cols), piece in zip(row, pieces):
             if out is None:
                 out = x.new_zeros(x.shape[0], piece.shape[1], ph * scale, pw * scale, dtype=torch.float32)
             out[..., rows.start * scale : rows.stop * scale, cols.start * scale : cols.stop * scale] = _centre(
@@ -216,15 +237,16 @@ def _check_generator_input(img: np.ndarray, channels: int) -> None:
 
 
 def _check_image_and_settings(img: np.ndarray, channels: int, tile: int | None, tile_overlap: int,
-                              max_pixels: int | None) -> None:
+                              max_pixels: int | None, tile_batch: int = 1) -> None:
     _check_generator_input(img, channels)
     check_pixel_limit("image", img.shape[1], img.shape[0], max_pixels)
-    _check_tile_settings(tile, tile_overlap)
+    _check_tile_settings(tile, tile_overlap, tile_batch)
 
 
 def enhance_bands(
     generator: nn.Module, img: np.ndarray, scale: int, device: torch.device | str = "cpu", *,
     tile: int | None = None, tile_overlap: int = 16, bf16: bool = False, max_pixels: int | None = None,
+    tile_batch: int = 1,
 ) -> Iterator[np.ndarray]:
     """Enhance one image (the generator's input, see `enhance_image`) and yield the result as bands of rows,
     top to bottom.
@@ -235,7 +257,7 @@ def enhance_bands(
     `enhance_image` returns. Arguments are checked before the first band is computed.
 
     Args:
-        generator, img, scale, device, tile, tile_overlap, bf16, max_pixels: as in `enhance_image`.
+        generator, img, scale, device, tile, tile_overlap, bf16, max_pixels, tile_batch: as in `enhance_image`.
 
     Yields:
         uint8 (rows, W * scale, 3) arrays ((rows, W * scale) for one output channel), rounded as BasicSR's
@@ -245,13 +267,14 @@ def enhance_bands(
         ValueError: the image is not what the generator takes (see `enhance_image`), or bad tile settings.
         ImageTooLargeError: the image has more than max_pixels pixels.
     """
-    _check_image_and_settings(img, generator_channels(generator)[0], tile, tile_overlap, max_pixels)
-    return _bands(generator, _as_hwc(img), scale, torch.device(device), tile, tile_overlap, bf16)
+    _check_image_and_settings(img, generator_channels(generator)[0], tile, tile_overlap, max_pixels, tile_batch)
+    return _bands(generator, _as_hwc(img), scale, torch.device(device), tile, tile_overlap, bf16, tile_batch=tile_batch)
 
 
 @torch.no_grad()  # on the generator function itself: it holds on every resume, not only at creation
 def _bands(generator: nn.Module, img: np.ndarray, scale: int, device: torch.device, tile: int | None,
-           tile_overlap: int, bf16: bool, out: np.ndarray | None = None) -> Iterator[np.ndarray]:
+           tile_overlap: int, bf16: bool, out: np.ndarray | None = None, tile_batch: int = 1,
+           ) -> Iterator[np.ndarray]:
     """enhance_bands without the checks, on a uint8 HxWxC input. With `out` (uint8 (H*scale, W*scale, 3), or
     (H*scale, W*scale) for one output channel), tiled bands are views into it, filled in place, instead of new
     arrays."""
@@ -274,8 +297,9 @@ def _bands(generator: nn.Module, img: np.ndarray, scale: int, device: torch.devi
             band = np.empty(_output_shape(band_height, w * scale, channels_out), np.uint8)
         else:
             band = out[band_top : band_top + band_height]
-        for rows, cols, ctx_rows, ctx_cols in row:
-            piece = _run(generator, image_to_tensor(padded[ctx_rows, ctx_cols]).to(device), bf16)
+        pieces = _run_tiles(generator, [image_to_tensor(padded[ctx_rows, ctx_cols]).to(device)
+                                        for _, _, ctx_rows, ctx_cols in row], bf16, tile_batch)
+        for (rows, cols, ctx_rows, ctx_cols), piece in zip(row, pieces):
             # to_uint8 rounds each pixel on its own, so rounding tile by tile equals rounding the whole.
             centre = to_uint8(_centre(piece, rows, cols, ctx_rows, ctx_cols, scale))
             left, right = cols.start * scale, min(cols.stop * scale, w * scale)
@@ -292,6 +316,7 @@ def _output_shape(height: int, width: int, channels: int) -> tuple[int, ...]:
 def enhance_image(
     generator: nn.Module, img: np.ndarray, scale: int, device: torch.device | str = "cpu", *,
     tile: int | None = None, tile_overlap: int = 16, bf16: bool = False, max_pixels: int | None = None,
+    tile_batch: int = 1,
 ) -> np.ndarray:
     """Enhance one image: the generator's input as it is (`model_input` makes it from what a user has).
 
@@ -303,7 +328,7 @@ def enhance_image(
             visible luma) for a fusion generator.
         scale: the generator's upscaling factor.
         device: where to run.
-        tile, tile_overlap, bf16: as in `enhance_tensor`.
+        tile, tile_overlap, bf16, tile_batch: as in `enhance_tensor`.
         max_pixels: refuse images with more than this many pixels (H * W; None: no limit).
 
     Returns:
@@ -314,10 +339,11 @@ def enhance_image(
         ValueError: the image is not what the generator takes, or bad tile settings.
         ImageTooLargeError: the image has more than max_pixels pixels.
     """
-    _check_image_and_settings(img, generator_channels(generator)[0], tile, tile_overlap, max_pixels)
+    _check_image_and_settings(img, generator_channels(generator)[0], tile, tile_overlap, max_pixels, tile_batch)
     shape = _output_shape(img.shape[0] * scale, img.shape[1] * scale, generator_channels(generator)[1])
     out = np.empty(shape, np.uint8)
-    for _ in _bands(generator, _as_hwc(img), scale, torch.device(device), tile, tile_overlap, bf16, out=out):
+    for _ in _bands(generator, _as_hwc(img), scale, torch.device(device), tile, tile_overlap, bf16, out=out,
+                    tile_batch=tile_batch):
         pass  # each band is written into `out` in place
     return out
 
@@ -465,12 +491,12 @@ def wants_colour(generator: nn.Module, image: np.ndarray, colour: bool | None = 
 def enhance(
     generator: nn.Module, image: np.ndarray, scale: int, device: torch.device | str = "cpu", *,
     ir: np.ndarray | None = None, colour: bool | None = None, tile: int | None = None, tile_overlap: int = 16,
-    bf16: bool = False, max_pixels: int | None = None,
+    bf16: bool = False, max_pixels: int | None = None, tile_batch: int = 1,
 ) -> np.ndarray:
     """Enhance what a user has: `model_input`, `enhance_image`, and for fusion `recolour` when asked.
 
     Args:
-        generator, scale, device, tile, tile_overlap, bf16, max_pixels: as `enhance_image`.
+        generator, scale, device, tile, tile_overlap, bf16, max_pixels, tile_batch: as `enhance_image`.
         image: uint8 HxWx3 RGB (or HxW gray); for fusion the visible image.
         ir: fusion only: the infrared image (see `model_input`).
         colour: fusion only: True, the fused luma in the visible image's colour; False, gray; None (default):
@@ -486,5 +512,5 @@ def enhance(
     check_pixel_limit("image", image.shape[1], image.shape[0], max_pixels)  # before any work on it
     in_colour = wants_colour(generator, image, colour)
     out = enhance_image(generator, model_input(generator, image, ir), scale, device, tile=tile,
-                        tile_overlap=tile_overlap, bf16=bf16, max_pixels=max_pixels)
+                        tile_overlap=tile_overlap, bf16=bf16, max_pixels=max_pixels, tile_batch=tile_batch)
     return recolour(out, image) if in_colour else out

@@ -125,7 +125,7 @@ class EnhanceActor:
 
     def __init__(self, generator_ref: list, input_dir: str, output_dir: str, tile: int | None,
                  tile_overlap: int, use_gpu: bool, threads: int, bf16: bool = False,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, gray: bool = False):
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, gray: bool = False, tile_batch: int = 1):
         import ray
         import torch
 
@@ -139,7 +139,7 @@ class EnhanceActor:
             self.generator = load_generator(file, device=self.device)
         self.scale = int(self.generator.scale)
         self.input_dir, self.output_dir = Path(input_dir), Path(output_dir)
-        self.tile, self.tile_overlap, self.bf16 = tile, tile_overlap, bf16
+        self.tile, self.tile_overlap, self.bf16, self.tile_batch = tile, tile_overlap, bf16, tile_batch
         self.max_pixels = max_pixels
         self.gray = gray  # fusion: the fused luma as it is, even when the visible image has colour
 
@@ -182,7 +182,8 @@ class EnhanceActor:
             img = load_image(self.input_dir / pair[1], max_pixels=self.max_pixels)
         colour = wants_colour(self.generator, img, False if self.gray and pair is not None else None)
         x = model_input(self.generator, img, ir)  # the RGB image itself (no copy) for RGB generators
-        settings = {"tile": self.tile, "tile_overlap": self.tile_overlap, "bf16": self.bf16}
+        settings = {"tile": self.tile, "tile_overlap": self.tile_overlap, "bf16": self.bf16,
+                    "tile_batch": self.tile_batch}
         rgb_out = colour or generator_channels(self.generator)[1] == 3
         if fmt == "PNG" and rgb_out:  # streamed: one band of output rows in memory at a time
             bands = enhance_bands(self.generator, x, self.scale, self.device, **settings)
@@ -288,7 +289,8 @@ def enhance_folder(generator_file: Path, args: argparse.Namespace, fusion: bool 
         items, unit = [{"path": rel} for rel in files], "image"
     actors = actor_count(args, len(files))
     print(f"{'fusing' if fusion else 'enhancing'} {len(files)} {unit}(s) from {input_dir} into {output_dir} with "
-          f"{actors} {'GPU' if args.use_gpu else 'CPU'} actor(s), tile {args.tile or 'off'}", flush=True)
+          f"{actors} {'GPU' if args.use_gpu else 'CPU'} actor(s), tile {args.tile or 'off'}"
+          + (f" x {args.tile_batch} per pass" if args.tile and args.tile_batch > 1 else ""), flush=True)
     start = time.perf_counter()
     # The weights go to the object store once; actors get a reference (wrapped in a list so Ray does not
     # inline it into the actor's constructor arguments, which a restarted actor could not recover).
@@ -300,7 +302,8 @@ def enhance_folder(generator_file: Path, args: argparse.Namespace, fusion: bool 
                                "output_dir": str(output_dir.resolve()), "tile": args.tile or None,
                                "tile_overlap": args.tile_overlap, "use_gpu": args.use_gpu,
                                "threads": args.cpus_per_actor, "bf16": args.bf16,
-                               "max_pixels": args.max_pixels or None, "gray": args.gray},
+                               "max_pixels": args.max_pixels or None, "gray": args.gray,
+                               "tile_batch": args.tile_batch},
         num_cpus=args.cpus_per_actor, num_gpus=1 if args.use_gpu else 0,
     )
     done, failed = [], []
@@ -344,6 +347,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "colour (default: colour, the visible image's chroma put back)")
     parser.add_argument("--tile", type=int, default=256, help="LR tile side; 0 runs whole images (default 256)")
     parser.add_argument("--tile-overlap", type=int, default=16, help="LR pixels of context around each tile")
+    parser.add_argument("--tile-batch", type=int,
+                        help="tiles of a row run together, at most this many per forward pass (memory grows with "
+                             "it; default 8 with --use-gpu, else 1)")
     parser.add_argument("--use-gpu", action="store_true", help="one actor per GPU")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (about 2x faster on recent GPUs)")
     parser.add_argument("--num-actors", type=int, help="default: GPUs with --use-gpu, else the CPUs less one")
@@ -360,6 +366,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--tile-overlap must be >= 0, --num-actors and --cpus-per-actor >= 1")
     if args.max_pixels < 0:
         parser.error("--max-pixels must be >= 0 (0: no limit)")
+    if args.tile_batch is not None and args.tile_batch < 1:
+        parser.error("--tile-batch must be at least 1")
+    args.tile_batch = args.tile_batch or (8 if args.use_gpu else 1)
     return args
 
 

@@ -77,6 +77,7 @@ MODEL_CODE = str(Path(__file__).resolve())  # what log_generator_model stores as
 GAN_CORE_DIR = str(Path(__file__).resolve().parents[2] / "gan_core")  # shipped with the model (code_paths)
 DEFAULT_TILE = 256
 DEFAULT_TILE_OVERLAP = 16
+GPU_TILE_BATCH = 8  # tiles per forward pass on a GPU (a GPU wants whole batches); one at a time on the CPU
 DEFAULT_MAX_PIXELS = 16_000_000  # per input image (4000 x 4000); larger ones are refused, not run out of memory
 # What gan_core imports (checked by the no-checkout test); the model brings gan_core itself.
 PIP_REQUIREMENTS = ["torch", "torchvision", "numpy", "pillow", "scipy", "pyarrow", "lpips", "pydantic", "pyyaml",
@@ -103,6 +104,7 @@ class GeneratorModel(PythonModel):
         self.tile = config.get("tile", DEFAULT_TILE)
         self.tile_overlap = config.get("tile_overlap", DEFAULT_TILE_OVERLAP)
         self.max_pixels = config.get("max_pixels", DEFAULT_MAX_PIXELS)
+        self.tile_batch = config.get("tile_batch") or (GPU_TILE_BATCH if self.device.type == "cuda" else 1)
 
     # model_input has no type hint on purpose: MLflow would try to build an input schema from it.
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
@@ -111,8 +113,9 @@ class GeneratorModel(PythonModel):
         Args:
             model_input: a pandas DataFrame with an `image` column (PNG / JPEG / ... bytes, any sizes); or,
                 called on the unwrapped model, what `enhance` takes.
-            params: `tile` (LR tile side; 0 runs whole images), `tile_overlap`, and for fusion models `gray`
-                (the fused luma even when the visible image has colour).
+            params: `tile` (LR tile side; 0 runs whole images), `tile_overlap`, `tile_batch` (tiles per forward
+                pass; 0: the model's default, 8 on a GPU, 1 on the CPU), and for fusion models `gray` (the fused
+                luma even when the visible image has colour).
 
         Returns:
             A DataFrame with an `image` column of PNG bytes (RGB, or gray for gray results), rows in input order.
@@ -127,16 +130,18 @@ class GeneratorModel(PythonModel):
             return self.enhance(model_input, **params)
         settings = {"tile": params.get("tile", self.tile) or None,
                     "tile_overlap": params.get("tile_overlap", self.tile_overlap),
+                    "tile_batch": params.get("tile_batch") or self.tile_batch,
                     "colour": self._colour(bool(params.get("gray", False)))}
         return pd.DataFrame({IMAGE_COLUMN: self._enhance_encoded(model_input, settings)})
 
-    def enhance(self, images, ir=None, tile: int | None = None, tile_overlap: int | None = None, gray: bool = False):
+    def enhance(self, images, ir=None, tile: int | None = None, tile_overlap: int | None = None, gray: bool = False,
+                tile_batch: int | None = None):
         """Enhance one uint8 HxWx3 RGB array, a stacked NxHxWx3 array, or a list of arrays (any sizes).
 
         Args:
             images: the images (for fusion models the visible ones).
             ir: fusion models only, and for them required: the infrared image(s), one per image, same sizes.
-            tile, tile_overlap: as the params (None: the model config's).
+            tile, tile_overlap, tile_batch: as the params (None: the model config's).
             gray: fusion models: the fused luma even when the visible image has colour.
 
         Returns:
@@ -148,6 +153,7 @@ class GeneratorModel(PythonModel):
         """
         settings = {"tile": (self.tile if tile is None else tile) or None,
                     "tile_overlap": self.tile_overlap if tile_overlap is None else tile_overlap,
+                    "tile_batch": tile_batch or self.tile_batch,
                     "colour": self._colour(gray)}
         batch, single = _as_batch(images, "images")
         self._check_ir_given(ir is not None)
@@ -275,6 +281,7 @@ def model_signature() -> ModelSignature:
     return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("binary", IMAGE_COLUMN)]), params=ParamSchema([
         ParamSpec("tile", "long", DEFAULT_TILE),
         ParamSpec("tile_overlap", "long", DEFAULT_TILE_OVERLAP),
+        ParamSpec("tile_batch", "long", 0),
         ParamSpec("gray", "boolean", False),
     ]))
 

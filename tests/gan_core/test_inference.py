@@ -85,12 +85,46 @@ def test_rejects_non_rgb8(bad):
         enhance_image(tiny(4), bad, 4)
 
 
+class CountingCalls(nn.Module):
+    """Wraps a generator; records the batch size of every forward pass."""
+
+    def __init__(self, generator: nn.Module):
+        super().__init__()
+        self.generator, self.batches = generator, []
+
+    def forward(self, x):
+        self.batches.append(x.shape[0])
+        return self.generator(x)
+
+
+@pytest.mark.parametrize("scale", [4, 1])
+def test_batched_tiles_equal_one_tile_at_a_time(scale):
+    # 45 x 70 at tile 12: rows of 6 tiles (4 interior + 2 clipped at the image's edges), 4 rows.
+    generator = CountingCalls(tiny(scale))
+    x = torch.rand(2, 3, 45, 70)
+    single = enhance_tensor(generator, x, scale, tile=12, tile_overlap=8)
+    assert generator.batches == [2] * 24  # the default: one tile (of the 2 images) per pass
+    generator.batches.clear()
+    batched = enhance_tensor(generator, x, scale, tile=12, tile_overlap=8, tile_batch=3)
+    # Per row, tiles of one context shape run together, 3 at most: the 4 interior ones as 3 + 1, the two edge
+    # tiles (clipped) apart, or together where padding makes them the same shape (scale 1).
+    assert sum(generator.batches) == 2 * 24 and max(generator.batches) == 2 * 3, generator.batches
+    assert len(generator.batches) == 4 * (4 if scale == 4 else 3), generator.batches
+    torch.testing.assert_close(batched, single, atol=2e-5, rtol=0)
+    img = np.random.default_rng(scale).integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    one, many = (enhance_image(generator, img, scale, tile=12, tile_overlap=8, tile_batch=b) for b in (1, 8))
+    assert np.abs(one.astype(int) - many).max() <= 1  # float sums in another order: a rounding tie at most
+    assert (one != many).mean() < 1e-3
+
+
 def test_rejects_bad_tile_settings():
     x = torch.rand(1, 3, 16, 16)
     with pytest.raises(ValueError, match="tile"):
         enhance_tensor(tiny(4), x, 4, tile=4)
     with pytest.raises(ValueError, match="tile"):
         enhance_tensor(tiny(4), x, 4, tile=8, tile_overlap=-1)
+    with pytest.raises(ValueError, match="tile_batch"):
+        enhance_image(tiny(4), np.zeros((16, 16, 3), np.uint8), 4, tile=8, tile_batch=0)
 
 
 def test_input_multiple_matches_rrdb_unshuffle():

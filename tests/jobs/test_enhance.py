@@ -101,13 +101,17 @@ def test_enhances_folder_keeps_names_formats_and_exits_1_naming_failed_files(ray
 def test_all_written_returns_the_summary_and_exits_0(ray_local, folder, tmp_path):
     from jobs.enhance import main
 
-    root, _ = folder
+    root, generator = folder
     inputs = tmp_path / "in"
     inputs.mkdir()
     (inputs / "a.png").write_bytes((root / "in" / "a.png").read_bytes())
     summary = main(["--model", str(root / "ckpt"), "--input", str(inputs), "--output", str(tmp_path / "out"),
-                    "--num-actors", "1"])
+                    "--num-actors", "1", "--tile", "8", "--tile-batch", "4"])
     assert summary["written"] == 1 and summary["failed"] == [] and (tmp_path / "out" / "a.png").is_file()
+    # Tiles run 4 to a pass: the image tile by tile, to a rounding tie
+    img = np.asarray(Image.open(inputs / "a.png").convert("RGB"))
+    one_by_one = enhance_image(generator, img, 4, tile=8, tile_overlap=16)
+    assert np.abs(np.asarray(Image.open(tmp_path / "out" / "a.png")).astype(int) - one_by_one).max() <= 1
 
 
 def test_bad_arguments_fail_clearly(ray_local, folder, capsys):
@@ -132,8 +136,9 @@ def test_bad_arguments_fail_clearly(ray_local, folder, capsys):
             run_main(lambda argv=argv: main(argv))
         assert exit_info.value.code == 2, argv
         assert message in capsys.readouterr().err, argv
-    with pytest.raises(SystemExit):
-        main(["--model", "x", "--input", "y", "--output", "z", "--tile", "4"])
+    for bad in (["--tile", "4"], ["--tile-batch", "0"]):
+        with pytest.raises(SystemExit):
+            main(["--model", "x", "--input", "y", "--output", "z", *bad])
 
 
 def test_fusion_model_fuses_ir_vi_pairs_and_counts_the_unmatched_file(ray_local, tmp_path, capsys):

@@ -107,7 +107,13 @@ def test_models_that_are_not_fusion_refuse_an_ir_column(tmp_path):
     torch.manual_seed(0)
     sr_file = save_generator(tmp_path / "sr.pt", rrdb_tiny(), 1)
     sr_model = _model(sr_file)
-    assert sr_model.enhance(visible).shape == (84, 108, 3)
+    assert sr_model.tile_batch == 1  # on the CPU one tile per pass by default (8 on a GPU)
+    one_by_one = sr_model.enhance(visible)
+    assert one_by_one.shape == (84, 108, 3)
+    # tile_batch, per call or as a param: tiles of a row in one pass, the same image (a rounding tie at most)
+    batched = _decoded(sr_model.predict(None, pd.DataFrame({"image": [_png(visible)]}),
+                                        params={"tile": 8, "tile_batch": 4})["image"][0])[1]
+    assert np.abs(batched.astype(int) - sr_model.enhance(visible, tile=8)).max() <= 1
     with pytest.raises(MlflowException, match="column 'ir' is for fusion models; this model is sr \\(3 -> 3"):
         sr_model.predict(None, pd.DataFrame({"image": [_png(visible)], "ir": [_png(ir)]}))
     with pytest.raises(MlflowException, match="'ir' is for fusion models"):
