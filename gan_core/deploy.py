@@ -36,7 +36,8 @@ ONNX_INPUT, ONNX_OUTPUT = "lq", "sr"
 QUANT_BACKENDS = ("x86", "fbgemm", "qnnpack")
 
 
-def export_onnx(generator: nn.Module, out_file: str | Path, *, example_size: int = 32, opset: int = 17) -> Path:
+def export_onnx(generator: nn.Module, out_file: str | Path, *, example_size: int = 32, opset: int = 17,
+                half: bool = False) -> Path:
     """Write `generator` as ONNX with a dynamic batch, height and width.
 
     Args:
@@ -44,12 +45,16 @@ def export_onnx(generator: nn.Module, out_file: str | Path, *, example_size: int
         out_file: the .onnx file to write (parent folders are created).
         example_size: side of the tracing input; any multiple of 4 works for every RRDBNet scale.
         opset: the ONNX opset.
+        half: float16 weights, input and output (half the file; what fp16 runtimes such as TensorRT, DirectML
+            and chaiNNer's ONNX backend run fastest). bfloat16 is not offered: onnxruntime has no bf16 Conv.
 
     Returns:
-        The written path. The graph takes `lq` (N, 3, H, W) float32 in [0, 1] and returns `sr`.
+        The written path. The graph takes `lq` (N, C_in, H, W) float32 (float16 with `half`) in [0, 1] and
+        returns `sr`.
     """
-    model = copy.deepcopy(generator).cpu().eval()
-    example = torch.rand(1, generator.arch["num_in_ch"], example_size, example_size)
+    dtype = torch.float16 if half else torch.float32
+    model = copy.deepcopy(generator).cpu().eval().to(dtype)
+    example = torch.rand(1, generator.arch["num_in_ch"], example_size, example_size, dtype=dtype)
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
@@ -64,7 +69,10 @@ def export_onnx(generator: nn.Module, out_file: str | Path, *, example_size: int
 
 
 def onnx_max_abs_diff(generator: nn.Module, onnx_file: str | Path, inputs: Iterable[torch.Tensor]) -> float:
-    """Largest absolute difference between onnxruntime (CPU) and PyTorch outputs over `inputs`.
+    """Largest absolute difference between onnxruntime (CPU) and PyTorch's float32 outputs over `inputs`.
+
+    A float16 graph (`export_onnx(half=True)`) gets the inputs in float16; its difference then includes what
+    float16 itself costs against the float32 model.
 
     Args:
         generator: the PyTorch model that was exported.
@@ -82,12 +90,14 @@ def onnx_max_abs_diff(generator: nn.Module, onnx_file: str | Path, inputs: Itera
     except ImportError as err:
         raise ImportError("onnxruntime is needed to check the ONNX export: pip install '.[export]'") from err
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-    model = copy.deepcopy(generator).cpu().eval()
+    model = copy.deepcopy(generator).cpu().eval().float()
+    half = session.get_inputs()[0].type == "tensor(float16)"
     worst = 0.0
     with torch.no_grad():
         for x in inputs:
             expected = model(x.cpu().float()).numpy()
-            got = session.run([ONNX_OUTPUT], {ONNX_INPUT: x.cpu().float().numpy()})[0]
+            feed = (x.cpu().half() if half else x.cpu().float()).numpy()
+            got = session.run([ONNX_OUTPUT], {ONNX_INPUT: feed})[0].astype("float32")
             if got.shape != expected.shape:
                 raise ValueError(f"ONNX output shape {got.shape} != PyTorch {expected.shape} "
                                  f"for input {tuple(x.shape)}")

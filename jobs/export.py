@@ -14,9 +14,11 @@ Writes into --output:
   (both load through spandrel), BasicSR and Real-ESRGAN's scripts, when the generator is exactly BasicSR's
   RRDBNet; otherwise the safetensors file only, marked as loadable by gan_core only, and the reasons are
   printed (see gan_core.portable: such a file must never load elsewhere and compute something else);
-- `generator.onnx` and `generator_int8.pt` (see gan_core.deploy), and prints:
+- `generator.onnx` (and with --onnx-fp16 `generator_fp16.onnx`) and `generator_int8.pt` (see gan_core.deploy),
+  and prints:
 - the ONNX parity: max |onnxruntime - PyTorch| over the validation inputs at their own sizes (so the
-  dynamic H and W are exercised), which must stay below --onnx-tolerance; the graph takes the generator's
+  dynamic H and W are exercised), which must stay below --onnx-tolerance (the float16 file's, against the
+  float32 model, below --onnx-fp16-tolerance); the graph takes the generator's
   input channels (3 RGB; 1 for gray denoise / lowlight; 2, infrared and visible luma, for fusion);
 - the int8 model's size against fp32 and the change of its task's metric on the validation images (PSNR-Y
   and SSIM-Y for sr, denoise, lowlight; Qabf for fusion), the inputs made as jobs.evaluate makes them. The
@@ -63,25 +65,28 @@ def model_inputs(images, task) -> list[torch.Tensor]:
     return [task.val_pair(img, getattr(task, "scale", 1))[0] for img in images]
 
 
-def export_onnx_checked(generator, images, task, out_file: Path, tolerance: float) -> dict:
-    """Export, then compare onnxruntime with PyTorch on every validation input.
+def export_onnx_checked(generator, images, task, out_file: Path, tolerance: float, half: bool = False) -> dict:
+    """Export (float16 with `half`), then compare onnxruntime with PyTorch (float32) on every validation input.
 
     Raises:
         JobError: the difference exceeds `tolerance`, or onnxruntime is missing.
     """
     from gan_core.deploy import export_onnx, onnx_max_abs_diff
 
-    export_onnx(generator, out_file)
+    export_onnx(generator, out_file, half=half)
     inputs = model_inputs(images, task)
     try:
         diff = onnx_max_abs_diff(generator, out_file, inputs)
     except ImportError as err:
         raise JobError(str(err)) from err
     sizes = sorted({f"{x.shape[-1]}x{x.shape[-2]}" for x in inputs})
-    print(f"ONNX: {out_file} ({out_file.stat().st_size / 1e6:.2f} MB); max |onnxruntime - torch| = {diff:.3e} "
+    print(f"ONNX{' float16' if half else ''}: {out_file} ({out_file.stat().st_size / 1e6:.2f} MB); "
+          f"max |onnxruntime - torch float32| = {diff:.3e} "
           f"over {len(inputs)} input(s) of size(s) {', '.join(sizes)}")
     if diff > tolerance:
-        raise JobError(f"ONNX output differs from PyTorch by {diff:.3e} > --onnx-tolerance {tolerance:g}")
+        flag = "--onnx-fp16-tolerance" if half else "--onnx-tolerance"
+        raise JobError(f"ONNX{' float16' if half else ''} output differs from PyTorch by {diff:.3e} > {flag} "
+                       f"{tolerance:g}")
     return {"file": str(out_file), "max_abs_diff": diff, "bytes": out_file.stat().st_size}
 
 
@@ -137,6 +142,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-int8", action="store_true")
     parser.add_argument("--arch", help="for plain weights (a BasicSR .pth): " + ARCH_HELP)
     parser.add_argument("--onnx-tolerance", type=float, default=1e-4, help="max allowed |onnxruntime - torch|")
+    parser.add_argument("--onnx-fp16", action="store_true",
+                        help="also write generator_fp16.onnx (float16 weights, input and output), checked the same way")
+    parser.add_argument("--onnx-fp16-tolerance", type=float, default=1e-2,
+                        help="max allowed |onnxruntime float16 - torch float32| (default 1e-2, about 3 levels of 255)")
     parser.add_argument("--backend", default="x86", choices=("x86", "fbgemm", "qnnpack"), help="int8 kernels")
     parser.add_argument("--keep-float", nargs="*", default=[], metavar="MODULE",
                         help="modules left in float (e.g. conv_first conv_last) when int8 costs too much PSNR")
@@ -145,6 +154,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.no_onnx and args.no_int8:
         parser.error("--no-onnx and --no-int8 together leave nothing to export")
+    if args.no_onnx and args.onnx_fp16:
+        parser.error("--onnx-fp16 writes an ONNX file: drop --no-onnx")
     return args
 
 
@@ -181,6 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"model": args.model, "task": task.name, "portable": export_portable(generator, out)}
     if not args.no_onnx:
         result["onnx"] = export_onnx_checked(generator, images, task, out / "generator.onnx", args.onnx_tolerance)
+        if args.onnx_fp16:
+            result["onnx_fp16"] = export_onnx_checked(generator, images, task, out / "generator_fp16.onnx",
+                                                      args.onnx_fp16_tolerance, half=True)
     if not args.no_int8:
         result["int8"] = export_int8(generator, images, calib, task, out / "generator_int8.pt", args.backend,
                                      tuple(args.keep_float))

@@ -81,6 +81,21 @@ def test_onnx_parity_on_trained_generator_and_real_images(tmp_path, trained, dem
 
 
 @pytest.mark.slow
+def test_float16_onnx_is_half_the_size_and_close_to_float32(tmp_path, trained, demo):
+    import onnxruntime
+
+    _, val = demo
+    full, half = export_onnx(trained, tmp_path / "g.onnx"), export_onnx(trained, tmp_path / "g16.onnx", half=True)
+    (graph_input,) = onnxruntime.InferenceSession(str(half), providers=["CPUExecutionProvider"]).get_inputs()
+    assert graph_input.type == "tensor(float16)"
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    inputs = [validation_pair(center_crop(img, side), 4)[0] for img, side in zip(val, (96, 72, 50), strict=True)]
+    diff = onnx_max_abs_diff(trained, half, inputs)  # against the float32 model: what float16 costs
+    print(f"ONNX float16 trained max abs diff {diff:.3e}")
+    assert 1e-5 < diff < 1e-2  # float16 rounding shows (it is not the float32 graph), within 3 levels of 255
+
+
+@pytest.mark.slow
 def test_int8_size_and_psnr_change(trained, demo, tmp_path):
     _, val = demo
     quantized = quantize_int8(trained, [validation_pair(img, 4)[0] for img in val])

@@ -248,11 +248,14 @@ def test_export_fusion_generator_to_onnx_and_int8(tmp_path, capsys):
     model = generator_file(tmp_path / "fusion.pt", {"name": "fusion"}, 2, 1, pixel_unshuffle=False,
                            upsample_skip="nearest")
     write_fusion_pairs(tmp_path / "fusion")
-    result = main(["--model", str(model), "--data", str(tmp_path / "fusion"), "--output", str(tmp_path / "out")])
+    result = main(["--model", str(model), "--data", str(tmp_path / "fusion"), "--output", str(tmp_path / "out"),
+                   "--onnx-fp16"])
     printed = capsys.readouterr().out
     assert result["task"] == "fusion"
     assert result["portable"]["pth"] is None and any("pixel_unshuffle" in p for p in result["portable"]["problems"])
     assert result["onnx"]["max_abs_diff"] < 1e-4 and (tmp_path / "out" / "generator.onnx").is_file()
+    assert result["onnx_fp16"]["max_abs_diff"] < 1e-2 and (tmp_path / "out" / "generator_fp16.onnx").is_file()
+    assert "ONNX float16" in printed
     int8 = result["int8"]
     assert int8["metric"] == "qabf" and {"qabf_fp32", "qabf_int8", "qabf_change", "average_qabf"} <= set(int8)
     assert "Qabf" in printed and "task fusion" in printed
