@@ -201,7 +201,7 @@ class TrainSection(_Section):
     d_steps_per_g: int = Field(1, ge=1)
     d_warmup_steps: int = Field(0, ge=0)  # D-only steps at the start of the GAN phase
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)  # 0 turns the EMA generator off
-    bf16: bool = False  # autocast to bfloat16 (GPU; on CPU it is slower)
+    bf16: bool = False  # autocast to bfloat16 (on with --use-gpu; on a CPU with bf16 instructions it can pay too)
     channels_last: bool = False
     compile: bool = False  # torch.compile G and D
     # torch.compile's mode; "reduce-overhead" replays CUDA graphs (on a GPU; elsewhere it is "default")

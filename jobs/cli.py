@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -84,3 +85,33 @@ def run_main(main) -> None:
 
         print(f"error: {redact_text(str(err))}", file=sys.stderr)
         sys.exit(2)
+
+
+def worker_count(text: str) -> int | tuple[int, int]:
+    """`--num-workers` / `--workers-per-trial`: "N" (a fixed group), or "MIN-MAX" (elastic) with 1 <= MIN <= MAX."""
+    low, dash, high = text.partition("-")
+    try:
+        low_n, high_n = int(low), int(high if dash else low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither N nor MIN-MAX (e.g. 2 or 1-4)") from None
+    if low_n < 1 or high_n < low_n:
+        raise argparse.ArgumentTypeError(f"{text!r}: needs 1 <= MIN <= MAX (at least 1 worker)")
+    return (low_n, high_n) if dash else low_n
+
+
+def workers_text(workers: int | tuple[int, int]) -> str:
+    """2 -> "2", (1, 4) -> "1-4" (how a worker count is logged and printed)."""
+    return "-".join(map(str, workers)) if isinstance(workers, tuple) else str(workers)
+
+
+def json_resources(text: str) -> dict[str, float]:
+    """`--resources-per-worker`: a JSON object of resource names to amounts."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in value.values()):
+        raise argparse.ArgumentTypeError('expected an object of amounts, e.g. {"CPU": 1, "trainer": 1}')
+    return value

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from gan_core.config import config_to_yaml, flatten, load_config
-from jobs.cli import init_ray, run_main
+from jobs.cli import init_ray, json_resources, run_main, worker_count, workers_text
 from jobs.tracking.server import TRACKING_HELP, redact_uri
 
 
@@ -61,31 +61,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     # intermixed: options may follow the key=value overrides (`... demo.yaml data.train=... --name x`)
     return parser.parse_intermixed_args(argv)
-
-
-def worker_count(text: str) -> int | tuple[int, int]:
-    """`--num-workers`: "N" (a fixed group), or "MIN-MAX" (elastic) with 1 <= MIN <= MAX."""
-    low, dash, high = text.partition("-")
-    try:
-        low_n, high_n = int(low), int(high if dash else low)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither N nor MIN-MAX (e.g. 2 or 1-4)") from None
-    if low_n < 1 or high_n < low_n:
-        raise argparse.ArgumentTypeError(f"{text!r}: needs 1 <= MIN <= MAX (at least 1 worker)")
-    return (low_n, high_n) if dash else low_n
-
-
-def json_resources(text: str) -> dict[str, float]:
-    """`--resources-per-worker`: a JSON object of resource names to amounts."""
-    import json
-
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not JSON: {err}") from None
-    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in value.values()):
-        raise argparse.ArgumentTypeError('expected an object of amounts, e.g. {"CPU": 1, "trainer": 1}')
-    return value
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -128,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     run_id, resumed = get_or_create_run(client, cfg.run.experiment, run_name, tags={"gan.recipe": args.config})
     close_wait_s = min(CLOSE_WAIT_S, args.tracking_wait_s)
     with run_lifecycle(client, run_id, tracking_uri=tracking_uri, close_wait_s=close_wait_s):
-        workers = "-".join(map(str, args.num_workers)) if isinstance(args.num_workers, tuple) else args.num_workers
+        workers = workers_text(args.num_workers)
         log_params_once(client, run_id, flatten(cfg.model_dump(mode="json")) | {"num_workers": workers})
         for key, value in {"git_commit": git_commit(), "ray_job_id": ray_job_id()}.items():
             if value and value != "unknown":  # no empty tags: a local run has no Ray job id

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.cli import init_ray, run_main
+from jobs.cli import init_ray, json_resources, run_main, worker_count
 from jobs.tracking.server import TRACKING_HELP
 
 EXIT_TRIALS_FAILED = 1  # 2 is run_main's: a problem found before any trial started
@@ -44,13 +44,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--space", required=True, help="space file, e.g. tune_spaces/demo_asha.yaml")
     parser.add_argument("--num-samples", type=int, help="trials to sample (default: the space file's num_samples)")
-    parser.add_argument("--workers-per-trial", type=int, default=2, help="DDP workers per trial (default 2)")
+    parser.add_argument("--workers-per-trial", type=worker_count, default=2, metavar="N|MIN-MAX",
+                        help="DDP workers per trial (default 2); MIN-MAX (e.g. 1-2) makes each trial elastic: it "
+                             "goes on with fewer workers when a node is lost and grows back when one returns, as "
+                             "jobs.train --num-workers MIN-MAX (the global batch stays data.batch_size x MAX)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, nccl")
     parser.add_argument("--name", help="sweep name (default <space>-YYYYmmdd-HHMMSS); reuse it to resume")
     parser.add_argument("--tracking-uri", help=TRACKING_HELP)
     parser.add_argument("--cpus-per-worker", type=float,
                         help="logical CPUs each training worker holds (default: Ray's, 1 on CPU, 0 with --use-gpu); "
                              "a fraction packs more trials onto a small machine")
+    parser.add_argument("--resources-per-worker", type=json_resources, metavar="JSON",
+                        help='custom resources each worker reserves too, e.g. \'{"trainer": 1}\' with one `trainer` '
+                             "slot per node (ray start --resources) for one worker per node; CPU and GPU come from "
+                             "--cpus-per-worker and --use-gpu")
     parser.add_argument("--trial-cpus", type=float, default=1.0,
                         help="logical CPUs of each trial's own driver, which runs the TorchTrainer (default 1)")
     parser.add_argument("--max-concurrent", type=int,
@@ -58,12 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "set it on an autoscaling cluster)")
     parser.add_argument("overrides", nargs="*", help="config overrides for every trial, key=value")
     args = parser.parse_intermixed_args(argv)  # options may follow the key=value overrides
-    if args.workers_per_trial < 1:
-        parser.error("--workers-per-trial must be at least 1")
     if args.num_samples is not None and args.num_samples < 1:
         parser.error("--num-samples must be at least 1")
     if args.trial_cpus <= 0 or (args.cpus_per_worker is not None and args.cpus_per_worker < 0):
         parser.error("--trial-cpus must be positive and --cpus-per-worker not negative")
+    if args.resources_per_worker and {"CPU", "GPU"} & set(args.resources_per_worker):
+        parser.error("--resources-per-worker: give CPU with --cpus-per-worker and GPU with --use-gpu")
     if args.cpus_per_worker == 0 and not args.use_gpu:
         parser.error("--cpus-per-worker 0 leaves CPU workers without any resource; give a fraction such as 0.5")
     return args
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from jobs.sweeps.report import collect_trials, finish_sweep, print_summary, sweep_failure
     from jobs.sweeps.space import PbtScheduler, check_samples, load_space, resolve_base_config
     from jobs.tracking.server import connect
-    from jobs.training.trainer import check_data_paths, with_absolute_paths
+    from jobs.training.trainer import check_data_paths, elastic_loop_config, with_absolute_paths
 
     args = parse_args(argv)
     # 1. Everything that can be wrong with the space is found here, before Ray starts.
@@ -87,6 +94,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = with_absolute_paths(resolve_base_config(space, args.overrides, use_gpu=args.use_gpu))
     checked = check_samples(space, base)
     check_data_paths(base)  # a typo in data.train / data.val fails here (exit 2), not in every trial
+    if isinstance(args.workers_per_trial, tuple):
+        elastic_loop_config(base, args.workers_per_trial)  # what an elastic trial cannot do fails here
     num_samples = args.num_samples or space.num_samples
     num_trials = sweeps.count_trials(space, num_samples)
     print(f"[tune] space {args.space}: {len(space.searched_keys())} searched keys, {checked} edge configs valid, "
@@ -97,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 2. Ray, and how many trials fit at once.
     #    A local Ray gets room for one trial (ASHA, FIFO) or the whole population (PBT); a cluster has what it has.
     resources = sweeps.TrialResources(workers=args.workers_per_trial, use_gpu=args.use_gpu,
-                                      cpus_per_worker=args.cpus_per_worker, trial_cpus=args.trial_cpus)
+                                      cpus_per_worker=args.cpus_per_worker, trial_cpus=args.trial_cpus,
+                                      worker_resources=args.resources_per_worker or {})
     pbt = isinstance(space.scheduler, PbtScheduler)
     init_ray(num_cpus_hint=math.ceil(resources.demand()["CPU"] * (num_trials if pbt else 1) + sweeps.DATA_CPUS))
     max_concurrent = sweeps.plan_concurrency(ray.cluster_resources(), resources, num_trials, args.max_concurrent)

@@ -40,6 +40,7 @@ except ImportError:  # another Ray layout: stopped trials then rely on Train's a
     WorkerGroupCallback = object
 
 from gan_core.config import flatten
+from jobs.cli import workers_text
 from jobs.sweeps.space import trial_config
 from jobs.tracking.runs import get_or_create_run, log_params_once
 from jobs.tracking.server import hide_credentials_from_mlflow
@@ -156,7 +157,8 @@ def stop_train_run(abort_wait_s: float = ABORT_WAIT_S) -> None:
 
 
 def run_trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
-    """The Tune function: one trial of the sweep, run as DDP training with `settings["workers_per_trial"]` workers.
+    """The Tune function: one trial of the sweep, run as DDP training with `settings["workers_per_trial"]` workers
+    (a (min, max) pair: an elastic group, as jobs.train --num-workers MIN-MAX).
 
     Args:
         config: this trial's searched values, dotted keys (what the searcher / PBT chose).
@@ -188,7 +190,7 @@ def run_trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
     elif origin:
         print(f"[tune] trial {trial_id} resumes its own checkpoint at step {origin.get('step')}", flush=True)
     client.set_tag(run_id, PARAMS_TAG, json.dumps(params))
-    params_to_log = flatten(cfg.model_dump(mode="json")) | {"num_workers": settings["workers_per_trial"]}
+    params_to_log = flatten(cfg.model_dump(mode="json")) | {"num_workers": workers_text(settings["workers_per_trial"])}
     log_params_once(client, run_id, params_to_log)  # after an exploit, changed values become resume.override.* tags
 
     # 3. A fresh Train run per start, so Train never restores a stale run of this trial by name.

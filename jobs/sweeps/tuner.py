@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gan_core.config import Config, config_to_yaml
-from jobs.cli import JobError
+from jobs.cli import JobError, workers_text
 from jobs.sweeps.space import TIME_ATTR, AshaScheduler, PbtScheduler, SpaceFile, build_param_space, clip_to_bounds
 from jobs.sweeps.trial import make_trainable
 from jobs.tracking.runs import get_or_create_run, git_commit, log_params_once, ray_job_id
@@ -24,25 +24,40 @@ class TrialResources:
     """What one trial asks for: `workers` DDP workers (a GPU each with `use_gpu`) and its own driver.
 
     Attributes:
-        workers: DDP workers per trial.
+        workers: DDP workers per trial, or (min, max) for elastic trials (planned, and started, with max).
         use_gpu: one GPU per worker.
         cpus_per_worker: logical CPUs per worker (None: 1 on CPU, 0 with GPUs).
         trial_cpus: logical CPUs of the trial's driver, which runs the TorchTrainer.
+        worker_resources: custom resources each worker reserves too, e.g. {"trainer": 1} (one worker per node
+            that carries one `trainer` slot).
     """
 
-    workers: int = 2
+    workers: int | tuple[int, int] = 2
     use_gpu: bool = False
     cpus_per_worker: float | None = None
     trial_cpus: float = 1.0
+    worker_resources: dict[str, float] = field(default_factory=dict)
 
     @property
     def worker_cpus(self) -> float:
         return self.cpus_per_worker if self.cpus_per_worker is not None else (0.0 if self.use_gpu else 1.0)
 
+    @property
+    def max_workers(self) -> int:
+        return self.workers[1] if isinstance(self.workers, tuple) else self.workers
+
     def demand(self) -> dict[str, float]:
-        """Logical resources one running trial holds: its driver plus its workers (Tune sees only the driver)."""
-        return {"CPU": self.trial_cpus + self.workers * self.worker_cpus,
-                "GPU": float(self.workers) if self.use_gpu else 0.0}
+        """Logical resources one running trial holds: its driver plus its workers (Tune sees only the driver);
+        an elastic trial as many as its largest group."""
+        return {"CPU": self.trial_cpus + self.max_workers * self.worker_cpus,
+                "GPU": float(self.max_workers) if self.use_gpu else 0.0,
+                **{name: self.max_workers * amount for name, amount in self.worker_resources.items()}}
+
+    def per_worker(self) -> dict[str, float] | None:
+        """What each worker reserves (ScalingConfig.resources_per_worker), None for Ray Train's default."""
+        if self.cpus_per_worker is None and not self.worker_resources:
+            return None
+        return {**({"CPU": self.cpus_per_worker} if self.cpus_per_worker is not None else {}), **self.worker_resources}
 
 
 def plan_concurrency(cluster: dict[str, float], resources: TrialResources, num_trials: int,
@@ -51,7 +66,7 @@ def plan_concurrency(cluster: dict[str, float], resources: TrialResources, num_t
 
     Train V2 reserves each trial's workers in a placement group Tune knows nothing about, so Tune alone
     would start a trial per free CPU and starve all of them. Here: (CPUs - DATA_CPUS) / per-trial CPUs,
-    and GPUs / per-trial GPUs, whichever is smaller.
+    GPUs / per-trial GPUs, and the same for each custom resource the workers reserve, whichever is smallest.
 
     Raises:
         JobError: not even one trial fits.
@@ -60,17 +75,21 @@ def plan_concurrency(cluster: dict[str, float], resources: TrialResources, num_t
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     by_cpu = math.floor((cpus - DATA_CPUS) / demand["CPU"] + 1e-9) if demand["CPU"] else num_trials
     by_gpu = math.floor(gpus / demand["GPU"] + 1e-9) if demand["GPU"] else num_trials
-    fits = min(by_cpu, by_gpu)
+    by_custom = [math.floor(cluster.get(name, 0.0) / need + 1e-9) for name, need in demand.items()
+                 if name not in ("CPU", "GPU") and need]
+    fits = min(by_cpu, by_gpu, *by_custom)
     gpu_each = " + 1 GPU" if resources.use_gpu else ""
     gpu_total = f", {demand['GPU']:g} GPUs" if resources.use_gpu else ""
     print(f"[tune] cluster: {cpus:g} CPUs, {gpus:g} GPUs. Each trial holds {resources.trial_cpus:g} CPU (its driver) + "
-          f"{resources.workers} workers x {resources.worker_cpus:g} CPU{gpu_each} = {demand['CPU']:g} CPUs{gpu_total}; "
+          f"{workers_text(resources.workers)} workers x {resources.worker_cpus:g} CPU{gpu_each} = {demand['CPU']:g} CPUs{gpu_total}; "
           f"{DATA_CPUS:g} CPU stays free for Ray Data.", flush=True)
     if fits < 1:
         raise JobError(
             f"one trial needs {demand['CPU']:g} CPUs{gpu_total} (+ {DATA_CPUS:g} CPU for data); the cluster has "
-            f"{cpus:g} CPUs and {gpus:g} GPUs: lower --workers-per-trial, --cpus-per-worker or --trial-cpus, "
-            "or add nodes"
+            f"{cpus:g} CPUs and {gpus:g} GPUs"
+            + "".join(f", {cluster.get(name, 0.0):g} {name} (a trial needs {need:g})"
+                      for name, need in demand.items() if name not in ("CPU", "GPU"))
+            + ": lower --workers-per-trial, --cpus-per-worker or --trial-cpus, or add nodes"
         )
     chosen = max_concurrent or fits
     if max_concurrent and max_concurrent > fits:
@@ -187,7 +206,7 @@ def trial_settings(space: SpaceFile, base: Config, resources: TrialResources, sw
         "base": base.model_dump(mode="json"), "searched_keys": space.searched_keys(), "sweep": sweep,
         "tracking_uri": tracking_uri, "parent_run_id": parent_run_id, "workers_per_trial": resources.workers,
         "use_gpu": resources.use_gpu,
-        "resources_per_worker": None if resources.cpus_per_worker is None else {"CPU": resources.cpus_per_worker},
+        "resources_per_worker": resources.per_worker(),
         "train_storage": f"{base.run.storage_path}/{sweep}-train",
     }
 
@@ -227,7 +246,8 @@ def build_tuner(space: SpaceFile, base: Config, sweep: str, settings: dict[str, 
     )
 
 
-def start_parent_run(client, space: SpaceFile, base: Config, space_file: str, sweep: str, *, workers_per_trial: int,
+def start_parent_run(client, space: SpaceFile, base: Config, space_file: str, sweep: str, *,
+                     workers_per_trial: int | tuple[int, int],
                      max_concurrent: int, num_samples: int) -> str:
     """The sweep's MLflow run (found again on resume), with the space file, the base config and the settings."""
     run_id, resumed = get_or_create_run(client, base.run.experiment, sweep,
@@ -235,7 +255,7 @@ def start_parent_run(client, space: SpaceFile, base: Config, space_file: str, sw
     scheduler = space.scheduler.model_dump(exclude={"hyperparam_mutations"})
     params = {f"scheduler.{k}": v for k, v in scheduler.items()} | {
         "base": space.base, "metric": space.metric, "mode": space.mode, "search_alg": space.search_alg,
-        "num_samples": num_samples, "workers_per_trial": workers_per_trial, "max_concurrent": max_concurrent,
+        "num_samples": num_samples, "workers_per_trial": workers_text(workers_per_trial), "max_concurrent": max_concurrent,
         "searched_keys": ",".join(space.searched_keys()),
     }
     log_params_once(client, run_id, params)

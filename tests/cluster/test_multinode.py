@@ -1,5 +1,6 @@
 """Training on a real two-node Ray cluster (tests/cluster/conftest.py): one worker per node, the loss of a node
-mid-run (FailureConfig), and an elastic run that shrinks to one worker and grows back to two.
+mid-run (FailureConfig), an elastic run that shrinks to one worker and grows back to two, and an elastic Tune
+trial that goes on when a node is lost.
 
 Every run is `python -m jobs.train` in a subprocess with RAY_ADDRESS pointing at the head, checkpoints on the S3
 server (shared storage: the two nodes are two raylets with separate temp dirs), metrics in a real MLflow server.
@@ -243,3 +244,60 @@ def test_elastic_run_shrinks_and_grows(per_node_run, ray_cluster, mlflow_server,
     assert sum(relative) / len(relative) < 0.25 and max(relative) < 1.0
     assert abs(psnr[0] - psnr[1]) < 0.5
     assert "fresh samplers" in text
+
+
+def test_elastic_trial_goes_on_when_a_node_is_lost(ray_cluster, mlflow_server, demo_data, s3_server, tmp_path):
+    """Elastic Tune trials: `jobs.tune --workers-per-trial 1-2`, one worker per node. Kill the worker node
+    mid-trial: the trial's Train run goes on with 1 worker from its latest checkpoint and the trial finishes in
+    the same MLflow run, every step once, the global batch held, no trial error."""
+    from jobs.sweeps.trial import SWEEP_TAG
+
+    ray_cluster.ensure_worker()
+    steps, ckpt_every = 100, 10
+    space = tmp_path / "elastic.yaml"
+    space.write_text(f"base: {REPO / 'jobs/configs/demo.yaml'}\nmetric: val/psnr_y\nmode: max\nnum_samples: 1\n"
+                     "scheduler: {name: fifo}\nparam_space:\n  optim.g_lr: {choice: [2.0e-4]}\n")
+    log = tmp_path / "tune.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jobs.tune", "--space", str(space), "--workers-per-trial", "1-2",
+         "--resources-per-worker", '{"trainer": 1}', "--name", "elastic-sweep", "--tracking-uri", mlflow_server,
+         *overrides(demo_data, s3_server, "elastic-sweep", steps=steps)],
+        env=ray_cluster.env, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    client = MlflowClient(mlflow_server)
+
+    def trial_run():
+        experiment = client.get_experiment_by_name(EXPERIMENT)
+        runs = client.search_runs([experiment.experiment_id], f"tags.`{SWEEP_TAG}` = 'elastic-sweep'") \
+            if experiment else []
+        return next((run for run in runs if run.data.tags.get("gan.kind") != "sweep"), None)
+
+    def on_two_workers_past(step: int):
+        run = trial_run()
+        if run is None:
+            return None
+        groups = worker_groups(client, run.info.run_id)
+        steps_logged = [m.step for m in client.get_metric_history(run.info.run_id, "g/pix")]
+        return run if groups and groups[-1]["world_size"] == 2 and max(steps_logged, default=0) >= step else None
+
+    try:
+        run = wait_for(lambda: on_two_workers_past(2 * ckpt_every + 5), "the trial at step 25 on 2 workers", 300,
+                       process, log)
+        killed_at = time.time()
+        ray_cluster.worker.kill()
+        text = finish(process, log, timeout=400)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED", text[-3000:]
+    groups = worker_groups(client, run.info.run_id)
+    sizes = [g["world_size"] for g in groups]
+    shrunk = [g for g in groups if g["world_size"] == 1 and g["time"] > killed_at]
+    print(f"\nelastic trial: worker groups {[(g['world_size'], g['step']) for g in groups]}")
+    assert sizes[0] == 2 and shrunk and shrunk[0]["restored"], sizes
+    assert shrunk[0]["step"] % ckpt_every == 0 and shrunk[0]["step"] >= 2 * ckpt_every
+    for group in groups:  # the global batch holds: 2 x 2, or 1 x 4
+        assert sum(w["batch_size"] for w in group["workers"]) == 4, group
+    assert sorted(history(client, run.info.run_id, "g/pix")) == list(range(1, steps + 1))  # every step, once
+    assert 1.0 in history(client, run.info.run_id, "train/world_size").values()
+    assert run.data.params["num_workers"] == "1-2"

@@ -41,3 +41,30 @@ def test_elastic_global_batch_and_refusals():
     assert elastic_loop_config(cfg, (1, 2)) == {"global_batch": 6}
     with pytest.raises(JobError, match="data.loader=memory"):
         elastic_loop_config(cfg.with_values({"data.loader": "stream", "data.sampling": "tile"}), (1, 2))
+
+
+def test_tune_takes_elastic_trials_and_per_worker_resources(capsys):
+    from jobs.tune import parse_args as tune_args
+
+    args = tune_args(["--space", "s.yaml", "--workers-per-trial", "1-2", "--resources-per-worker", '{"trainer": 1}'])
+    assert args.workers_per_trial == (1, 2) and args.resources_per_worker == {"trainer": 1}
+    assert tune_args(["--space", "s.yaml"]).workers_per_trial == 2
+    for bad in (["--workers-per-trial", "2-1"], ["--resources-per-worker", '{"CPU": 2}']):
+        with pytest.raises(SystemExit) as exit_info:
+            tune_args(["--space", "s.yaml", *bad])
+        assert exit_info.value.code == 2
+    assert "--cpus-per-worker" in capsys.readouterr().err
+
+
+def test_elastic_trials_are_planned_with_their_largest_group_and_custom_resources(capsys):
+    from jobs.sweeps.tuner import TrialResources, plan_concurrency
+
+    elastic = TrialResources(workers=(1, 2), cpus_per_worker=1.0, worker_resources={"trainer": 1})
+    assert elastic.demand() == {"CPU": 3.0, "GPU": 0.0, "trainer": 2.0}
+    assert elastic.per_worker() == {"CPU": 1.0, "trainer": 1}
+    assert TrialResources(workers=2).per_worker() is None
+    # 9 CPUs hold (9 - 1) // 3 = 2 trials, the 2 trainer slots (one per node) only one
+    assert plan_concurrency({"CPU": 9.0, "trainer": 2.0}, elastic, num_trials=4) == 1
+    assert "1-2 workers" in capsys.readouterr().out
+    with pytest.raises(JobError, match="0 trainer \\(a trial needs 2\\)"):
+        plan_concurrency({"CPU": 9.0}, elastic, num_trials=4)
