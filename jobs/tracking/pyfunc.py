@@ -95,6 +95,8 @@ class GeneratorModel(PythonModel):
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.generator = load_generator(context.artifacts[GENERATOR_ARTIFACT], device=self.device)
+        if self.device.type == "cuda":  # convolutions in channels_last run faster on tensor cores
+            self.generator = self.generator.to(memory_format=torch.channels_last)
         self.scale = int(getattr(self.generator, "scale", 4))
         self.task = generator_task(context.artifacts[GENERATOR_ARTIFACT]).name
         # What the model does follows from its channels: (2, 1) takes (infrared, visible) pairs.
