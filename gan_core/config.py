@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from gan_core.blind_config import BlindDegradationSection, DegradationOrderSection  # noqa: F401 (re-exported)
-from gan_core.config_base import ConfigError, _Section
+from gan_core.config_base import ConfigError, _Section, validation_error  # noqa: F401 (validation_error re-exported)
 from gan_core.task_config import TASK_METRIC_KEYS, TaskSection, check_task_fits  # noqa: F401 (re-exported)
 
 
@@ -443,28 +443,3 @@ def _optional_sections(model: type[BaseModel], prefix: str = "") -> list[tuple[s
         elif options:
             found.append((f"{prefix}{name}", options[0]))
     return found
-
-
-def validation_error(err: ValidationError, source: str, keys: set[str] | None = None) -> ConfigError:
-    """One ConfigError listing every problem of a pydantic error by dotted key (the config's and sweep files').
-
-    Args:
-        err: pydantic's error.
-        source: what was validated, for the first line.
-        keys: every dotted key of the schema, to list the valid ones next to an unknown key.
-    """
-    return ConfigError(f"{source} is invalid:\n" + "\n".join(_describe(e, keys or set()) for e in err.errors()))
-
-
-def _describe(error: dict[str, Any], keys: set[str]) -> str:
-    # Union members add their tag to the location (`scheduler.asha.grace_period`), dict keys a `[key]` marker.
-    loc = [str(part) for part in error["loc"] if part != "[key]"]
-    path = ".".join(loc) or "<top level>"
-    if error["type"] == "extra_forbidden":
-        parent = ".".join(loc[:-1])
-        valid = sorted({k[len(parent) + 1 :].split(".")[0] for k in keys if k.startswith(f"{parent}.")} if parent
-                       else {k.split(".")[0] for k in keys})
-        return f"  {path}: unknown key" + (f" (valid here: {', '.join(valid)})" if valid else "")
-    got = error.get("input")
-    shown = "" if isinstance(got, (dict, list)) or error["type"].startswith("value_error") else f" (got {got!r})"
-    return f"  {path}: {error['msg'].removeprefix('Value error, ')}{shown}"

@@ -1,3 +1,6 @@
+import struct
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -42,3 +45,24 @@ def batches(cfg, seed=0):
 def random_rgb(height, width, seed=0):
     """A seeded uint8 (H, W, 3) noise image."""
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def png16(values: np.ndarray, color_type: int) -> bytes:
+    """A 16-bit PNG written by hand (Pillow cannot write 16-bit colour PNGs).
+
+    color_type: 0 gray, 2 RGB, 4 gray+alpha, 6 RGBA; values (H, W[, C]) uint16.
+    Rows use the "Sub" filter (difference to the pixel on the left), which only
+    decodes right if the decoder knows the true bytes per pixel.
+    """
+    height, width = values.shape[:2]
+    bytes_per_pixel = 2 * (values.shape[2] if values.ndim == 3 else 1)
+    rows = values.astype(">u2").reshape(height, -1).view(np.uint8).reshape(height, -1).astype(np.int64)
+    left = np.pad(rows, ((0, 0), (bytes_per_pixel, 0)))[:, :-bytes_per_pixel]
+    filtered = ((rows - left) % 256).astype(np.uint8)
+    raw = b"".join(b"\x01" + filtered[y].tobytes() for y in range(height))
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
