@@ -4,7 +4,8 @@ Design notes
 - Steps are functions of (models, optimizers, batch, config) returning named losses; no hidden state.
 - D's `requires_grad` is never toggled (that breaks `torch.compile` on D). Instead the G step's backward
   names G's parameters as its only `inputs`: autograd goes through D to reach G's output but computes no D
-  weight gradient (a third of D's backward work), and D, under DDP's `no_sync()`, syncs nothing.
+  weight gradient (half the FLOPs of D's backward: a conv's input and weight gradients cost the same), and
+  D, under DDP's `no_sync()`, syncs nothing.
 - D is called separately on real and fake batches (BatchNorm statistics stay per batch, as BasicSR);
   under DDP that needs `broadcast_buffers=False`, which jobs/ sets.
 - The gradient penalty uses `autograd.grad(create_graph=True)` and one backward of the total D loss,

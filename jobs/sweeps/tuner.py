@@ -54,10 +54,11 @@ class TrialResources:
                 **{name: self.max_workers * amount for name, amount in self.worker_resources.items()}}
 
     def per_worker(self) -> dict[str, float] | None:
-        """What each worker reserves (ScalingConfig.resources_per_worker), None for Ray Train's default."""
+        """What each worker reserves (ScalingConfig.resources_per_worker), None for Ray Train's default. A dict
+        always names the CPUs: Ray Train reserves none that a given dict leaves out."""
         if self.cpus_per_worker is None and not self.worker_resources:
             return None
-        return {**({"CPU": self.cpus_per_worker} if self.cpus_per_worker is not None else {}), **self.worker_resources}
+        return {"CPU": self.worker_cpus, **self.worker_resources}
 
 
 def plan_concurrency(cluster: dict[str, float], resources: TrialResources, num_trials: int,

@@ -62,6 +62,8 @@ def test_elastic_trials_are_planned_with_their_largest_group_and_custom_resource
     elastic = TrialResources(workers=(1, 2), cpus_per_worker=1.0, worker_resources={"trainer": 1})
     assert elastic.demand() == {"CPU": 3.0, "GPU": 0.0, "trainer": 2.0}
     assert elastic.per_worker() == {"CPU": 1.0, "trainer": 1}
+    # CPUs as planned (Ray Train would reserve none when a dict leaves them out)
+    assert TrialResources(workers=2, worker_resources={"trainer": 1}).per_worker() == {"CPU": 1.0, "trainer": 1}
     assert TrialResources(workers=2).per_worker() is None
     # 9 CPUs hold (9 - 1) // 3 = 2 trials, the 2 trainer slots (one per node) only one
     assert plan_concurrency({"CPU": 9.0, "trainer": 2.0}, elastic, num_trials=4) == 1
