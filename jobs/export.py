@@ -81,7 +81,7 @@ def export_onnx_checked(generator, images, task, out_file: Path, tolerance: floa
         raise JobError(str(err)) from err
     sizes = sorted({f"{x.shape[-1]}x{x.shape[-2]}" for x in inputs})
     print(f"ONNX{' float16' if half else ''}: {out_file} ({out_file.stat().st_size / 1e6:.2f} MB); "
-          f"max |onnxruntime - torch float32| = {diff:.3e} "
+          f"max |onnxruntime - torch| = {diff:.3e}{' (against the float32 model)' if half else ''} "
           f"over {len(inputs)} input(s) of size(s) {', '.join(sizes)}")
     if diff > tolerance:
         flag = "--onnx-fp16-tolerance" if half else "--onnx-tolerance"
