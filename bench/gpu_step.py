@@ -32,6 +32,7 @@ import torch
 from bench.basicsr_reference import esrgan_model, load_basicsr
 from gan_core.build import build_state
 from gan_core.config import GPU_DEFAULTS, Config, config_from_dict
+from gan_core.files import atomic_write
 from gan_core.inference import enhance_tensor
 from gan_core.losses.perceptual import VGGFeatureLoss
 from gan_core.loop import wrap_models
@@ -259,6 +260,15 @@ def _inference_seconds(generator: torch.nn.Module, x: torch.Tensor, mode: Mode, 
                      warmup=args.warmup + (3 if mode.compile else 0), steps=args.steps, repeats=args.repeats)
 
 
+_ROWS: list[dict] = []  # every row measured so far, written to --json as it comes (a run cut short keeps them)
+_JSON: list[str] = []
+
+
+def _save_json(result: dict) -> None:
+    if _JSON:
+        atomic_write(_JSON[0], lambda f: f.write(json.dumps(result, indent=1).encode()))
+
+
 def _row(kind: str, workload: str, name: str, img_s: float, base: float, flops: float | None,
          device: torch.device) -> dict:
     row = {"kind": kind, "workload": workload, "path": name, "img_s": img_s, "ratio": img_s / base,
@@ -266,6 +276,8 @@ def _row(kind: str, workload: str, name: str, img_s: float, base: float, flops: 
     tflops = "-" if row["tflops"] is None else f"{row['tflops']:.2f}"
     peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.1f}"
     print(f"| {workload} | {name} | {img_s:.1f} | {row['ratio']:.2f}x | {tflops} | {peak} |", flush=True)
+    _ROWS.append(row)
+    _save_json({"rows": _ROWS, "complete": False})
     return row
 
 
@@ -325,17 +337,18 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     basicsr = load_basicsr()
+    _ROWS.clear()
+    _JSON[:] = [args.json] if args.json else []
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# {name}, torch {torch.__version__}, RRDBNet {size.num_block}x{size.num_feat}, "
           f"{size.patch} px HR, {time.strftime('%Y-%m-%d')}", flush=True)
     print("| workload | path | img/s | vs BasicSR | TFLOP/s | peak GiB |\n|---|---|---|---|---|---|", flush=True)
     rows = train_rows(args, basicsr, size, device) + inference_rows(args, basicsr, size, device)
-    result = {"device": name, "torch": torch.__version__, "size": size.__dict__, "rows": rows}
+    result = {"device": name, "torch": torch.__version__, "size": size.__dict__, "rows": rows, "complete": False}
     if not args.skip_numerics:
         result["numerics"] = numerics(args, basicsr, size, device)
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump(result, file, indent=1)
+    result["complete"] = True
+    _save_json(result)
     return result
 
 

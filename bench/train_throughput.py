@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--use-gpu", action="store_true", help="both sides on the GPU, with --use-gpu's settings")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.use_gpu and not torch.cuda.is_available():
+        parser.error("--use-gpu: this machine has no CUDA device")
     cfg = load_config(args.recipe, args.overrides)
     steps = args.steps
     # Pixel-only steps: the phase a demo spends most of its time in.
