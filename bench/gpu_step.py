@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import statistics
 import time
@@ -50,6 +51,7 @@ class Mode:
     compile_mode: str = "default"
     fused: bool = False
     cuda_only: bool = False
+    whole_graph: bool = False  # the whole train_step captured in one CUDA graph (bench only, see graphed_steps)
 
 
 MODES = {
@@ -58,6 +60,8 @@ MODES = {
     "compile": Mode("bf16 + channels_last, compile", bf16=True, channels_last=True, compile=True, fused=True),
     "graphs": Mode("bf16 + channels_last, compile + CUDA graphs", bf16=True, channels_last=True, compile=True,
                    compile_mode="reduce-overhead", fused=True, cuda_only=True),
+    "step_graph": Mode("bf16 + channels_last, whole step in one CUDA graph (bench only)", bf16=True,
+                       channels_last=True, fused=True, cuda_only=True, whole_graph=True),
 }
 GPU_DEFAULT_MODE = next(key for key, mode in MODES.items() if all(
     getattr(mode, key.split(".")[1]) == value for key, value in GPU_DEFAULTS.items()) and mode.compile_mode == "default")
@@ -174,6 +178,40 @@ def our_steps(cfg: Config, basicsr_model: Any, batches: list[tuple], device: tor
     return state, lambda: train_step(state, stream, cfg)
 
 
+def graphed_steps(cfg: Config, basicsr_model: Any, batches: list[tuple], device: torch.device):
+    """Our whole `train_step` captured in one CUDA graph and replayed, each batch copied into the captured
+    inputs first: how fast the step runs when nothing is launched from Python (the issue's reference ran
+    BasicSR's step so). Bench only, not a training mode: what the host does in a step (the LR schedule, the EMA
+    warm-up, the phase) is frozen at capture, and losses are the captured outputs, overwritten at each replay.
+    Adam is made capturable; autocast runs without its cast cache (gan_core.step.autocast)."""
+    state = our_state(cfg, basicsr_model, device)
+    for optimizer in (state.g_optimizer, state.d_optimizer):
+        for group in optimizer.param_groups:
+            group["capturable"] = True  # its step counters live on the GPU (set before Adam's state exists)
+    static = tuple(t.clone() for t in _as(batches[0], cfg))
+    inputs = itertools.repeat(static)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph wants
+        for _ in range(3):
+            train_step(state, inputs, cfg)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        losses = train_step(state, inputs, cfg)
+    ready = [_as(b, cfg) for b in batches]
+    counter = iter(range(10**9))
+
+    def step() -> dict:
+        lq, gt = ready[next(counter) % len(ready)]
+        static[0].copy_(lq)
+        static[1].copy_(gt)
+        graph.replay()
+        return losses
+
+    return state, step
+
+
 def step_flops(cfg: Config, basicsr_model: Any, batch: tuple, device: torch.device) -> float:
     """FLOPs of one of our float32 GAN steps per image (forward and backward of G, D and the VGG19)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -195,8 +233,8 @@ def peak_memory_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def train_rows(args: argparse.Namespace, basicsr: dict, size: Size, device: torch.device) -> list[dict]:
-    rows = []
+def train_rows(args: argparse.Namespace, basicsr: dict, size: Size, device: torch.device) -> None:
+    """Measure and record (`_row`) each path of this workload."""
     for batch in args.batch:
         batches = make_batches(size, batch, device)
         peak_memory_reset(device)
@@ -204,7 +242,7 @@ def train_rows(args: argparse.Namespace, basicsr: dict, size: Size, device: torc
         base = batch / timed(step, device, warmup=args.warmup, steps=args.steps, repeats=args.repeats)
         peak = peak_memory_gib(device)
         flops = step_flops(our_config(size, batch, MODES["fp32"]), model, batches[0], device)
-        rows.append(_row("train", f"batch {batch}", "BasicSR 1.4.2 fp32", base, base, flops, device, peak=peak))
+        _row("train", f"batch {batch}", "BasicSR 1.4.2 fp32", base, base, flops, device, peak=peak)
         del model, step
         for key in args.modes:
             mode = MODES[key]
@@ -215,18 +253,22 @@ def train_rows(args: argparse.Namespace, basicsr: dict, size: Size, device: torc
                                      num_grow_ch=size.num_grow_ch, d_feat=size.d_feat, patch=size.patch,
                                      device=torch.device("cpu"))
             peak_memory_reset(device)
-            _, step = our_steps(our_config(size, batch, mode), reference, batches, device)
-            del reference
-            warmup = args.warmup + (3 if mode.compile else 0)
-            img_s = batch / timed(step, device, warmup=warmup, steps=args.steps, repeats=args.repeats)
+            try:
+                make = graphed_steps if mode.whole_graph else our_steps
+                _, step = make(our_config(size, batch, mode), reference, batches, device)
+                del reference
+                warmup = args.warmup + (3 if mode.compile else 0)
+                img_s = batch / timed(step, device, warmup=warmup, steps=args.steps, repeats=args.repeats)
+            except Exception as err:  # noqa: BLE001 -- one mode failing on this GPU must not cost the others
+                _failed("train", f"batch {batch}", f"ours {mode.name}", err)
+                continue
             name = f"ours {mode.name}" + (" (--use-gpu)" if key == GPU_DEFAULT_MODE else "")
-            rows.append(_row("train", f"batch {batch}", name, img_s, base, flops, device))
+            _row("train", f"batch {batch}", name, img_s, base, flops, device)
             del step
-    return rows
 
 
-def inference_rows(args: argparse.Namespace, basicsr: dict, size: Size, device: torch.device) -> list[dict]:
-    rows = []
+def inference_rows(args: argparse.Namespace, basicsr: dict, size: Size, device: torch.device) -> None:
+    """Measure and record (`_row`) each path of this workload."""
     shapes = [(32, 2)] if args.tiny else [(128, 16), (256, 4)]
     for side, batch in shapes:
         what = f"x4 {side}->{side * 4}, batch {batch}"
@@ -238,7 +280,7 @@ def inference_rows(args: argparse.Namespace, basicsr: dict, size: Size, device: 
         with torch.inference_mode():
             base = batch / timed(functools.partial(net, x), device, warmup=args.warmup, steps=args.steps,
                                  repeats=args.repeats)
-        rows.append(_row("inference", what, "BasicSR 1.4.2 fp32", base, base, None, device))
+        _row("inference", what, "BasicSR 1.4.2 fp32", base, base, None, device)
         weights = {name: value.cpu() for name, value in net.state_dict().items()}
         del net  # only ours on the device from here: its peak memory is its own
         for key in args.modes:
@@ -253,9 +295,12 @@ def inference_rows(args: argparse.Namespace, basicsr: dict, size: Size, device: 
             if mode.compile:
                 generator = torch.compile(generator, mode=mode.compile_mode)
             xin = x.contiguous(memory_format=torch.channels_last) if mode.channels_last else x
-            img_s = batch / _inference_seconds(generator, xin, mode, args, device)
-            rows.append(_row("inference", what, f"ours {mode.name}", img_s, base, None, device))
-    return rows
+            try:
+                img_s = batch / _inference_seconds(generator, xin, mode, args, device)
+            except Exception as err:  # noqa: BLE001 -- one mode failing on this GPU must not cost the others
+                _failed("inference", what, f"ours {mode.name}", err)
+                continue
+            _row("inference", what, f"ours {mode.name}", img_s, base, None, device)
 
 
 def _inference_seconds(generator: torch.nn.Module, x: torch.Tensor, mode: Mode, args: argparse.Namespace,
@@ -273,6 +318,14 @@ _JSON: list[str] = []
 def _save_json(result: dict) -> None:
     if _JSON:
         atomic_write(_JSON[0], lambda f: f.write(json.dumps(result, indent=1).encode()))
+
+
+def _failed(kind: str, workload: str, name: str, err: Exception) -> None:
+    """A mode that failed: printed and kept (with the error) in place of its numbers."""
+    what = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    print(f"| {workload} | {name} | failed: {what} | | | |", flush=True)
+    _ROWS.append({"kind": kind, "workload": workload, "path": name, "error": what})
+    _save_json({"rows": _ROWS, "complete": False})
 
 
 def _row(kind: str, workload: str, name: str, img_s: float, base: float, flops: float | None,
@@ -350,8 +403,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"# {name}, torch {torch.__version__}, RRDBNet {size.num_block}x{size.num_feat}, "
           f"{size.patch} px HR, {time.strftime('%Y-%m-%d')}", flush=True)
     print("| workload | path | img/s | vs BasicSR | TFLOP/s | peak GiB |\n|---|---|---|---|---|---|", flush=True)
-    rows = train_rows(args, basicsr, size, device) + inference_rows(args, basicsr, size, device)
-    result = {"device": name, "torch": torch.__version__, "size": size.__dict__, "rows": rows, "complete": False}
+    train_rows(args, basicsr, size, device)
+    inference_rows(args, basicsr, size, device)
+    result = {"device": name, "torch": torch.__version__, "size": size.__dict__, "rows": list(_ROWS),
+              "complete": False}
     if not args.skip_numerics:
         result["numerics"] = numerics(args, basicsr, size, device)
     result["complete"] = True
