@@ -115,3 +115,12 @@ def json_resources(text: str) -> dict[str, float]:
     if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in value.values()):
         raise argparse.ArgumentTypeError('expected an object of amounts, e.g. {"CPU": 1, "trainer": 1}')
     return value
+
+
+def with_default_cpus(resources: dict[str, float] | None, use_gpu: bool) -> dict[str, float] | None:
+    """`--resources-per-worker` with Ray Train's default CPUs (1 per CPU worker, 0 per GPU worker) when it names
+    none: Ray Train reserves no CPU that a given dict leaves out, so '{"trainer": 1}' alone would put any number
+    of workers on a node's CPUs."""
+    if resources is None or "CPU" in resources:
+        return resources
+    return {"CPU": 0.0 if use_gpu else 1.0, **resources}

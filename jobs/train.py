@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from gan_core.config import config_to_yaml, flatten, load_config
-from jobs.cli import init_ray, json_resources, run_main, worker_count, workers_text
+from jobs.cli import init_ray, json_resources, run_main, with_default_cpus, worker_count, workers_text
 from jobs.tracking.server import TRACKING_HELP, redact_uri
 
 
@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "and multi-node training)")
     parser.add_argument("--resources-per-worker", type=json_resources, metavar="JSON",
                         help='what each worker reserves, e.g. \'{"CPU": 1, "trainer": 1}\' with a custom `trainer` '
-                             "resource on each node (ray start --resources) for one worker per node")
+                             "resource on each node (ray start --resources) for one worker per node; without CPU, "
+                             "Ray Train's default (1, or 0 with --use-gpu)")
     parser.add_argument("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                         help="how the workers spread over nodes (default PACK)")
     parser.add_argument("--resize-interval-s", type=float, default=60.0,
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         loop_config = {"config": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,
                        "tracking_wait_s": args.tracking_wait_s, "non_finite": non_finite}
         trainer = build_trainer(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu, loop_config=loop_config,
-                                resources_per_worker=args.resources_per_worker,
+                                resources_per_worker=with_default_cpus(args.resources_per_worker, args.use_gpu),
                                 placement_strategy=args.placement_strategy, resize_interval_s=args.resize_interval_s)
         result = fit_in_background(trainer)
         stopped = None if non_finite.empty() else non_finite.get()

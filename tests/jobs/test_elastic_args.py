@@ -70,3 +70,12 @@ def test_elastic_trials_are_planned_with_their_largest_group_and_custom_resource
     assert "1-2 workers" in capsys.readouterr().out
     with pytest.raises(JobError, match="0 trainer \\(a trial needs 2\\)"):
         plan_concurrency({"CPU": 9.0}, elastic, num_trials=4)
+
+
+def test_resources_per_worker_keep_ray_trains_default_cpus():
+    from jobs.cli import with_default_cpus
+
+    assert with_default_cpus({"trainer": 1}, use_gpu=False) == {"CPU": 1.0, "trainer": 1}
+    assert with_default_cpus({"trainer": 1}, use_gpu=True) == {"CPU": 0.0, "trainer": 1}
+    assert with_default_cpus({"CPU": 2, "trainer": 1}, use_gpu=False) == {"CPU": 2, "trainer": 1}
+    assert with_default_cpus(None, use_gpu=False) is None
