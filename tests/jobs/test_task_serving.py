@@ -114,6 +114,10 @@ def test_models_that_are_not_fusion_refuse_an_ir_column(tmp_path):
     batched = _decoded(sr_model.predict(None, pd.DataFrame({"image": [_png(visible)]}),
                                         params={"tile": 8, "tile_batch": 4})["image"][0])[1]
     assert np.abs(batched.astype(int) - sr_model.enhance(visible, tile=8)).max() <= 1
+    # bf16 on request: close to float32, and not the float32 computation itself
+    bf16 = _decoded(sr_model.predict(None, pd.DataFrame({"image": [_png(visible)]}), params={"bf16": True})["image"][0])[1]
+    difference = np.abs(bf16.astype(int) - one_by_one)
+    assert 0 < difference.max() <= 3 and difference.mean() < 0.2, (difference.max(), difference.mean())
     with pytest.raises(MlflowException, match="column 'ir' is for fusion models; this model is sr \\(3 -> 3"):
         sr_model.predict(None, pd.DataFrame({"image": [_png(visible)], "ir": [_png(ir)]}))
     with pytest.raises(MlflowException, match="'ir' is for fusion models"):
