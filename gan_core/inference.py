@@ -69,6 +69,7 @@ from gan_core.user_images import (  # noqa: F401 (re-exported: logged pyfunc mod
 )
 
 MIN_TILE = 8
+GPU_TILE_BATCH = 8  # tiles per forward pass on a GPU (it wants whole batches); on a CPU one at a time is faster
 
 
 def input_multiple(scale: int) -> int:

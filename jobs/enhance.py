@@ -56,6 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gan_core.inference import GPU_TILE_BATCH
 from gan_core.portable import ARCH_HELP
 from jobs.cli import JobError, init_ray, run_main
 from jobs.progress import Progress
@@ -370,7 +371,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--max-pixels must be >= 0 (0: no limit)")
     if args.tile_batch is not None and args.tile_batch < 1:
         parser.error("--tile-batch must be at least 1")
-    args.tile_batch = args.tile_batch or (8 if args.use_gpu else 1)
+    args.tile_batch = args.tile_batch or (GPU_TILE_BATCH if args.use_gpu else 1)
     return args
 
 

@@ -77,7 +77,6 @@ MODEL_CODE = str(Path(__file__).resolve())  # what log_generator_model stores as
 GAN_CORE_DIR = str(Path(__file__).resolve().parents[2] / "gan_core")  # shipped with the model (code_paths)
 DEFAULT_TILE = 256
 DEFAULT_TILE_OVERLAP = 16
-GPU_TILE_BATCH = 8  # tiles per forward pass on a GPU (a GPU wants whole batches); one at a time on the CPU
 DEFAULT_MAX_PIXELS = 16_000_000  # per input image (4000 x 4000); larger ones are refused, not run out of memory
 # What gan_core imports (checked by the no-checkout test); the model brings gan_core itself.
 PIP_REQUIREMENTS = ["torch", "torchvision", "numpy", "pillow", "scipy", "pyarrow", "lpips", "pydantic", "pyyaml",
@@ -91,7 +90,7 @@ class GeneratorModel(PythonModel):
         import torch
 
         from gan_core.checkpoint import generator_task, load_generator
-        from gan_core.inference import generator_channels
+        from gan_core.inference import GPU_TILE_BATCH, generator_channels
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.generator = load_generator(context.artifacts[GENERATOR_ARTIFACT], device=self.device)
