@@ -130,11 +130,8 @@ class GeneratorModel(PythonModel):
         params = params or {}
         if not isinstance(model_input, pd.DataFrame):
             return self.enhance(model_input, **params)
-        settings = {"tile": params.get("tile", self.tile) or None,
-                    "tile_overlap": params.get("tile_overlap", self.tile_overlap),
-                    "tile_batch": params.get("tile_batch") or self.tile_batch,
-                    "bf16": bool(params.get("bf16", False)),
-                    "colour": self._colour(bool(params.get("gray", False)))}
+        settings = self._settings(params.get("tile"), params.get("tile_overlap"), params.get("tile_batch"),
+                                  bool(params.get("bf16", False)), bool(params.get("gray", False)))
         return pd.DataFrame({IMAGE_COLUMN: self._enhance_encoded(model_input, settings)})
 
     def enhance(self, images, ir=None, tile: int | None = None, tile_overlap: int | None = None, gray: bool = False,
@@ -154,11 +151,7 @@ class GeneratorModel(PythonModel):
             MlflowException (INVALID_PARAMETER_VALUE): not uint8 images, over the pixel limit, `ir` missing for
                 a fusion model or given to another, infrared and visible images that do not pair.
         """
-        settings = {"tile": (self.tile if tile is None else tile) or None,
-                    "tile_overlap": self.tile_overlap if tile_overlap is None else tile_overlap,
-                    "tile_batch": tile_batch or self.tile_batch,
-                    "bf16": bf16,
-                    "colour": self._colour(gray)}
+        settings = self._settings(tile, tile_overlap, tile_batch, bf16, gray)
         batch, single = _as_batch(images, "images")
         self._check_ir_given(ir is not None)
         irs = [None] * len(batch)
@@ -170,6 +163,13 @@ class GeneratorModel(PythonModel):
                                  f"image {index}", settings)
                    for index, (img, infrared) in enumerate(zip(batch, irs))]
         return outputs[0] if single else outputs
+
+    def _settings(self, tile: int | None, tile_overlap: int | None, tile_batch: int | None, bf16: bool,
+                  gray: bool) -> dict[str, Any]:
+        """gan_core.inference.enhance's keyword arguments for one call; None (and tile_batch 0) take the model's."""
+        return {"tile": (self.tile if tile is None else tile) or None,
+                "tile_overlap": self.tile_overlap if tile_overlap is None else tile_overlap,
+                "tile_batch": tile_batch or self.tile_batch, "bf16": bf16, "colour": self._colour(gray)}
 
     def _colour(self, gray: bool) -> bool | None:
         """gan_core.inference.enhance's `colour` for the `gray` param: None (colour when the visible image has it)."""
