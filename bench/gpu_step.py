@@ -149,11 +149,16 @@ def _as(batch: tuple, cfg: Config) -> tuple:
     return tuple(t.contiguous(memory_format=memory_format) for t in batch)
 
 
+def basicsr_model(basicsr: dict, size: Size, device: torch.device) -> Any:
+    """BasicSR's ESRGANModel for `size`, seeded: every call gives the same initial weights."""
+    torch.manual_seed(0)
+    return esrgan_model(basicsr, num_feat=size.num_feat, num_block=size.num_block, num_grow_ch=size.num_grow_ch,
+                        d_feat=size.d_feat, patch=size.patch, device=device)
+
+
 def basicsr_steps(basicsr: dict, size: Size, batches: list[tuple], device: torch.device):
     """(model, step function) for BasicSR's ESRGAN step cycling through `batches`."""
-    torch.manual_seed(0)
-    model = esrgan_model(basicsr, num_feat=size.num_feat, num_block=size.num_block, num_grow_ch=size.num_grow_ch,
-                         d_feat=size.d_feat, patch=size.patch, device=device)
+    model = basicsr_model(basicsr, size, device)
     counter = iter(range(10**9))
 
     def step() -> dict:
@@ -248,10 +253,8 @@ def train_rows(args: argparse.Namespace, basicsr: dict, size: Size, device: torc
             mode = MODES[key]
             if mode.cuda_only and device.type != "cuda":
                 continue
-            torch.manual_seed(0)  # BasicSR's initial weights, built on the CPU: only ours counts in the peak memory
-            reference = esrgan_model(basicsr, num_feat=size.num_feat, num_block=size.num_block,
-                                     num_grow_ch=size.num_grow_ch, d_feat=size.d_feat, patch=size.patch,
-                                     device=torch.device("cpu"))
+            # BasicSR's initial weights, built on the CPU: only ours counts in the peak memory
+            reference = basicsr_model(basicsr, size, torch.device("cpu"))
             peak_memory_reset(device)
             try:
                 make = graphed_steps if mode.whole_graph else our_steps
@@ -346,9 +349,7 @@ def numerics(args: argparse.Namespace, basicsr: dict, size: Size, device: torch.
     batch = args.batch[0]
     batches = make_batches(size, batch, device)
     model, step = basicsr_steps(basicsr, size, batches, device)
-    torch.manual_seed(0)
-    reference = esrgan_model(basicsr, num_feat=size.num_feat, num_block=size.num_block, num_grow_ch=size.num_grow_ch,
-                             d_feat=size.d_feat, patch=size.patch, device=device)
+    reference = basicsr_model(basicsr, size, device)
     _, ours = our_steps(our_config(size, batch, MODES["fp32"]), reference, batches, device)
     theirs, mine = step(), {k: float(v) for k, v in ours().items()}
     first = {key: abs(mine[ours_key] / theirs[key] - 1) for key, ours_key in LOSS_PAIRS.items()}
@@ -359,9 +360,7 @@ def numerics(args: argparse.Namespace, basicsr: dict, size: Size, device: torch.
     for key in ("fp32", "bf16", "compile"):
         if key != "fp32" and key not in args.modes:
             continue
-        torch.manual_seed(0)
-        reference = esrgan_model(basicsr, num_feat=size.num_feat, num_block=size.num_block,
-                                 num_grow_ch=size.num_grow_ch, d_feat=size.d_feat, patch=size.patch, device=device)
+        reference = basicsr_model(basicsr, size, device)
         _, run = our_steps(our_config(size, batch, MODES[key]), reference, batches, device)
         history = [run() for _ in range(args.check_steps)]
         runs[key] = {k: [float(h[k]) for h in history] for k in LOSS_PAIRS.values()}
